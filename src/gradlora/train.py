@@ -1,0 +1,117 @@
+"""A small training loop (plain torch) with a tqdm bar, evaluation, schedules and smoothing."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .capture import move_to
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # training loss of every step taken
+    diverged_at: int | None = None  # step whose loss was NaN/inf (training stopped there)
+    seconds: float = 0.0  # wall time of the loop
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then "constant", "linear" (to 0) or "cosine" (to 0) over total_steps."""
+    if schedule not in ("constant", "linear", "cosine"):
+        raise ValueError(f"unknown schedule {schedule!r}; use constant, linear or cosine")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        if schedule == "linear":
+            return max(1.0 - progress, 0.0)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def train(
+    model: nn.Module,
+    batches: Sequence[dict[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """One optimizer step per batch on ``model(**batch).loss``; stops at a non-finite loss."""
+    result = TrainResult()
+    device = _device(model)
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(batches, desc=desc, unit="step", disable=not progress)
+    for step, batch in enumerate(bar):
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**move_to(batch, device)).loss
+        value = loss.item()
+        if not math.isfinite(value):
+            result.diverged_at = step
+            break
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        result.losses.append(value)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{value:.4f}")
+    optimizer.zero_grad(set_to_none=True)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean loss and, for classifiers (1-D labels), accuracy over ``batches``."""
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for batch in batches:
+        batch = move_to(batch, device)
+        out = model(**batch)
+        n = batch["labels"].shape[0]
+        total_loss += out.loss.item() * n
+        if batch["labels"].ndim == 1:
+            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+        count += n
+    model.train(was_training)
+    metrics = {"loss": total_loss / count}
+    if correct or batches[0]["labels"].ndim == 1:
+        metrics["accuracy"] = correct / count
+    return metrics
+
+
+def smooth(values: Sequence[float], window: int = 20) -> list[float]:
+    """Trailing mean over the last ``window`` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def first_step_at_or_below(curve: Sequence[float], target: float) -> int | None:
+    """1-based step at which ``curve`` first reaches ``target`` or below; None if never."""
+    return next((i + 1 for i, v in enumerate(curve) if v <= target), None)
