@@ -186,3 +186,49 @@ def test_only_active_adapter_is_initialized():
         if ".other." in k:
             assert torch.equal(v, other_before[k]), k
     assert all(t.adapter == "default" for t in find_targets(model))
+
+
+class TwoLayerNet(torch.nn.Module):
+    """Not a transformers model: a plain module someone else wrote, wrapped by peft."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(12, 24)
+        self.act = torch.nn.GELU()
+        self.fc2 = torch.nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_plain_torch_module_with_loss_fn(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    net = TwoLayerNet()
+    original = TwoLayerNet()
+    original.load_state_dict(net.state_dict())
+    model = get_peft_model(net, LoraConfig(r=1, lora_alpha=2, target_modules=["fc1", "fc2"]))
+    data = [(torch.randn(16, 12), torch.randint(0, 3, (16,))) for _ in range(4)]
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(m(x), y)
+
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        before = model(x)
+    report = gradlora.initialize(model, data, num_batches=4, loss_fn=loss_fn, progress=False)
+    assert set(report.layers) == {"fc1", "fc2"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+    G = reference_gradients(original, data, ["fc1", "fc2"], loss_fn=loss_fn)
+    for name in ("fc1", "fc2"):
+        S = torch.linalg.svdvals(G[name])[:2]
+        torch.testing.assert_close(
+            torch.tensor(report.layers[name].singular_values), S, rtol=1e-4, atol=1e-7
+        )
+    gradlora.save_adapter(model, tmp_path)
+    loaded = PeftModel.from_pretrained(original, str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), before, rtol=1e-5, atol=1e-6)
