@@ -145,3 +145,23 @@ def test_runs_out_of_batches_warns():
         gradlora.estimate_gradients(
             model, make_batches("llama", n=2), num_batches=4, progress=False
         )
+
+
+def test_reduce_seam_sums_state_and_counts():
+    """A cross-rank sum of two identical ranks must give the same mean gradient, twice the batches."""
+    model, _ = tiny_peft("gpt2")
+    targets = find_targets(model)
+    batches = make_batches("gpt2", n=2)
+    single, used1 = capture(model, targets, batches, progress=False)
+    seen = []
+
+    def two_identical_ranks(tensors):
+        seen.append(len(tensors))
+        for t in tensors:
+            t.mul_(2)
+
+    doubled, used2 = capture(model, targets, batches, progress=False, reduce=two_identical_ranks)
+    assert seen == [len(targets) + 1] and used2 == 2 * used1 == 4
+    assert all(a.hits == 4 for a in doubled.values())
+    for name in single:
+        torch.testing.assert_close(doubled[name].result(used2), single[name].result(used1))

@@ -32,6 +32,7 @@ class Accumulator(Protocol):
 
     target: LoraTarget
     hits: int  # backward passes that reached this layer
+    needs_weight_grad: bool  # whether the engine must make the base weight require grad
 
     def attach(self) -> list[RemovableHandle]:
         """Install the hooks that feed this accumulator; the engine removes them."""
@@ -48,6 +49,8 @@ class Accumulator(Protocol):
 
 class ExactAccumulator:
     """Sum of dL/dW in fp32, (m, n) whatever W's storage; memory 4 bytes per weight entry."""
+
+    needs_weight_grad = True
 
     def __init__(self, target: LoraTarget):
         self.target = target
@@ -118,8 +121,8 @@ def _input_device(model: nn.Module) -> torch.device:
 
 
 @contextmanager
-def capture_mode(model: nn.Module, targets: list[LoraTarget]):
-    """Train mode, LoRA branches bypassed, grad only on target weights; all restored on exit.
+def capture_mode(model: nn.Module, targets: list[LoraTarget], grad_weights: list[nn.Parameter]):
+    """Train mode, LoRA branches bypassed, grad only on ``grad_weights``; all restored on exit.
 
     Restores every parameter's requires_grad, each module's train/eval flag, each layer's
     adapter-disabled flag, the target weights' ``.grad``, and the global RNG states (dropout
@@ -136,9 +139,9 @@ def capture_mode(model: nn.Module, targets: list[LoraTarget]):
         try:
             for p in params:
                 p.requires_grad_(False)
-            for t in targets:
-                t.weight.requires_grad_(True)
-                t.weight.grad = None
+            for w in grad_weights:
+                w.requires_grad_(True)
+                w.grad = None
             model.train()
             with torch.enable_grad():
                 yield
@@ -165,7 +168,9 @@ def capture(
     """Run up to ``num_batches`` forward/backward passes and feed each target's accumulator.
 
     Returns ({base-model layer name: accumulator}, number of batches used). ``reduce``, if
-    given, sums the accumulators' state across ranks in place before they are checked.
+    given, sums a list of tensors across ranks in place (e.g. an all-reduce); it receives the
+    accumulators' state and a float64 tensor of the batch and hit counts, so the returned
+    count and the checks are global.
     Raises GradLoraError for empty data, a non-finite loss, a layer no gradient reached, and a
     non-finite or all-zero estimate; the model is restored before any error propagates.
     """
@@ -174,7 +179,8 @@ def capture(
     accs = {t.name: make_accumulator(t) for t in targets}
     device = _input_device(model)
     used = 0
-    with capture_mode(model, targets):
+    grad_weights = [t.weight for t in targets if accs[t.name].needs_weight_grad]
+    with capture_mode(model, targets, grad_weights):
         handles = [h for acc in accs.values() for h in acc.attach()]
         try:
             bar = tqdm(
@@ -190,12 +196,18 @@ def capture(
         finally:
             for h in handles:
                 h.remove()
+    if reduce is not None:
+        counts = torch.tensor(
+            [used] + [a.hits for a in accs.values()], dtype=torch.float64, device=device
+        )
+        reduce([s for acc in accs.values() for s in acc.state()] + [counts])
+        used = int(counts[0].item())
+        for acc, hits in zip(accs.values(), counts[1:].tolist(), strict=True):
+            acc.hits = int(hits)
     if used == 0:
         raise GradLoraError("batches is empty: pass an iterable that yields at least one batch")
     if used < num_batches:
         warnings.warn(f"batches ran out after {used} of num_batches={num_batches}", stacklevel=3)
-    if reduce is not None:
-        reduce([t for acc in accs.values() for t in acc.state()])
     _check_accumulators(accs)
     return accs, used
 

@@ -24,10 +24,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from . import inits
 from .errors import GradLoraError
 
 WEIGHT0 = "gradlora_weight0"  # buffer name of the init factors A0 / B0 on lora_A / lora_B
@@ -178,8 +179,6 @@ def write_factors(
     becomes W - s B0 A0 (fp32 math, see inits.offset_weight) and A0, B0 are kept as buffers.
     If anything fails midway (out of memory, interrupt) every layer is put back as it was.
     """
-    from .inits import offset_weight
-
     missing = [t.name for t in targets if t.name not in factors]
     if missing:
         raise GradLoraError(f"no init factors for layer(s) {missing}")
@@ -197,7 +196,7 @@ def write_factors(
                 old_w = t.weight.detach().clone() if offset_base else None
                 undo.append((t, t.A.detach().clone(), t.B.detach().clone(), old_w))
                 if offset_base:
-                    new_w = offset_weight(t.weight_mn(), A0, B0, t.scaling)
+                    new_w = inits.offset_weight(t.weight_mn(), A0, B0, t.scaling)
                     t.weight.copy_(new_w.T if t.transposed else new_w)
                     t.layer.lora_A[t.adapter].register_buffer(WEIGHT0, A0.clone(), persistent=False)
                     t.layer.lora_B[t.adapter].register_buffer(WEIGHT0, B0.clone(), persistent=False)
@@ -311,8 +310,6 @@ def load_adapter(
     saved_config = LoraConfig.from_pretrained(str(path))
     config = _resize_config(saved_config, 0.5, 1 / _alpha_factor(saved_config))
     config.inference_mode = not is_trainable
-    from safetensors.torch import load_file
-
     saved = load_file(str(path / "adapter_model.safetensors"))
     model = get_peft_model(base_model, config, adapter_name=adapter_name)
     targets = find_targets(model)
