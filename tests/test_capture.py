@@ -165,3 +165,38 @@ def test_reduce_seam_sums_state_and_counts():
     assert all(a.hits == 4 for a in doubled.values())
     for name in single:
         torch.testing.assert_close(doubled[name].result(used2), single[name].result(used1))
+
+
+class DictOutputNet(torch.nn.Module):
+    """Someone else's model: returns a plain dict, or the loss tensor itself."""
+
+    def __init__(self, as_tensor: bool):
+        super().__init__()
+        self.as_tensor = as_tensor
+        self.proj = torch.nn.Linear(6, 4)
+
+    def forward(self, x, y):
+        loss = torch.nn.functional.cross_entropy(self.proj(x), y)
+        return loss if self.as_tensor else {"loss": loss, "logits": None}
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_models_returning_dict_or_tensor_loss(as_tensor):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = DictOutputNet(as_tensor)
+    model = get_peft_model(net, LoraConfig(r=1, target_modules=["proj"]))
+    batches = [{"x": torch.randn(8, 6), "y": torch.randint(0, 4, (8,))} for _ in range(2)]
+    G = gradlora.estimate_gradients(model, batches, num_batches=2, progress=False)
+    W = net.proj.base_layer.weight.detach().clone().requires_grad_()
+    bias = net.proj.base_layer.bias.detach()
+    losses = [torch.nn.functional.cross_entropy(b["x"] @ W.T + bias, b["y"]) for b in batches]
+    ref = sum(torch.autograd.grad(loss, W)[0] for loss in losses) / 2
+    torch.testing.assert_close(G["proj"], ref)
+
+
+def test_single_batch_instead_of_iterable_is_explained():
+    model, _ = tiny_peft("llama")
+    with pytest.raises(gradlora.GradLoraError, match=r"single dict; pass an iterable of batches"):
+        gradlora.estimate_gradients(model, make_batches("llama", n=1)[0], progress=False)

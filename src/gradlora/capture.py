@@ -88,11 +88,16 @@ def move_to(batch: Any, device: torch.device) -> Any:
 
 
 def batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, index: int) -> Tensor:
-    """The scalar loss of one batch: ``model(**batch).loss`` or ``loss_fn(model, batch)``."""
+    """The scalar loss of one batch: ``loss_fn(model, batch)``, or from ``model(**batch)``: its
+    ``.loss``, its ``["loss"]``, or the output itself if it is a tensor."""
     if loss_fn is not None:
         loss = loss_fn(model, batch)
     elif isinstance(batch, Mapping):
-        loss = getattr(model(**batch), "loss", None)
+        out = model(**batch)
+        # ModelOutput, a plain dict with "loss", or the loss tensor itself
+        loss = out if isinstance(out, Tensor) else getattr(out, "loss", None)
+        if loss is None and isinstance(out, Mapping):
+            loss = out.get("loss")
         if loss is None:
             raise GradLoraError(
                 f"batch {index}: the model returned no .loss; include labels in the batch "
@@ -174,6 +179,11 @@ def capture(
     Raises GradLoraError for empty data, a non-finite loss, a layer no gradient reached, and a
     non-finite or all-zero estimate; the model is restored before any error propagates.
     """
+    if isinstance(batches, Mapping | Tensor):
+        raise GradLoraError(
+            f"batches is a single {type(batches).__name__}; pass an iterable of batches, "
+            "e.g. [batch] or a DataLoader"
+        )
     if not isinstance(num_batches, int) or num_batches < 1:
         raise GradLoraError(f"num_batches must be a positive integer, got {num_batches!r}")
     accs = {t.name: make_accumulator(t) for t in targets}
