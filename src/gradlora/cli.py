@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings(
         "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
     )
-    from .compare import run_comparison, save_results
+    from .compare import format_table, run_comparison, save_results
 
     try:
         lrs = _lr_overrides(args.lr)
@@ -102,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         test_size=args.test_size,
         progress=not args.no_progress,
     )
-    from .compare import format_table
-
     results = run_comparison(cfg)
     paths = save_results(results, args.out)
     print(format_table(results))

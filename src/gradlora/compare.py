@@ -61,7 +61,7 @@ class CompareConfig:
     progress: bool = True  # tqdm bars
 
 
-def _build(cfg: CompareConfig, name: str):
+def _build(cfg: CompareConfig):
     from peft import LoraConfig, get_peft_model
 
     model, _ = load_minilm_classifier(num_hidden_layers=cfg.num_layers, seed=cfg.seed)
@@ -79,7 +79,7 @@ def _build(cfg: CompareConfig, name: str):
 def run_method(name: str, cfg: CompareConfig, train_batches, test_batches) -> dict[str, Any]:
     recipe = RECIPES[name]
     lr = cfg.lrs.get(name, recipe.lr)
-    model = _build(cfg, name)
+    model = _build(cfg)
     init_report, init_seconds = None, 0.0
     if recipe.init is not None:
         start = time.perf_counter()

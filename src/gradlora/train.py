@@ -96,7 +96,7 @@ def evaluate(model: nn.Module, batches: Sequence[dict[str, Any]]) -> dict[str, f
         count += n
     model.train(was_training)
     metrics = {"loss": total_loss / count}
-    if correct or batches[0]["labels"].ndim == 1:
+    if batches[0]["labels"].ndim == 1:
         metrics["accuracy"] = correct / count
     return metrics
 
