@@ -35,12 +35,16 @@ RESULTS = Path(__file__).parent / "results"
 
 def run_case(case: str, batches_n: int, batch_size: int, device: str) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     import gradlora
-    from gradlora.bundled import load_minilm_classifier, load_rotten_tomatoes, make_batches
+    from gradlora.bundled import (
+        load_minilm_classifier,
+        load_rotten_tomatoes,
+        make_batches,
+        minilm_lora_config,
+    )
     from gradlora.capture import move_to
-    from gradlora.compare import MINILM_TARGETS
     from gradlora.meter import measure
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
@@ -49,16 +53,13 @@ def run_case(case: str, batches_n: int, batch_size: int, device: str) -> dict:
     model.to(dev)
     train, _ = load_rotten_tomatoes()
     batches = [move_to(b, dev) for b in make_batches(tok, train, batch_size, 64, batches_n)]
-    cfg = dict(
-        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=MINILM_TARGETS, task_type="SEQ_CLS"
-    )
     out = {"case": case}
 
     if case == "peft_loraga":
         from peft import LoraGAConfig
         from peft.tuners.lora.loraga import preprocess_loraga
 
-        config = LoraConfig(init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(), **cfg)
+        config = minilm_lora_config(init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
 
         def train_step():
             for b in batches:
@@ -70,7 +71,7 @@ def run_case(case: str, batches_n: int, batch_size: int, device: str) -> dict:
             get_peft_model(model, config)
         out.update(seconds=cost.seconds, svd_seconds=time.perf_counter() - t_mid)
     else:
-        model = get_peft_model(model, LoraConfig(**cfg))
+        model = get_peft_model(model, minilm_lora_config())
         if case in ("lora_passes", "full_passes"):
             if case == "full_passes":
                 for p in model.parameters():

@@ -11,11 +11,9 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import gradlora  # noqa: E402
-from gradlora.bundled import load_minilm_classifier  # noqa: E402
-from gradlora.compare import MINILM_TARGETS  # noqa: E402
+from gradlora.bundled import load_minilm_lora  # noqa: E402
 
 
 def time_steps(opt: torch.optim.Optimizer, steps: int = 50) -> float:
@@ -28,9 +26,7 @@ def time_steps(opt: torch.optim.Optimizer, steps: int = 50) -> float:
 
 
 def main() -> None:
-    model, _ = load_minilm_classifier()
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=MINILM_TARGETS, task_type="SEQ_CLS")
-    model = get_peft_model(model, cfg)
+    model, _ = load_minilm_lora()
     params = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(0)
     for p in params:

@@ -17,20 +17,17 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import gradlora  # noqa: E402
-from gradlora.bundled import load_minilm_classifier, load_rotten_tomatoes, make_batches  # noqa: E402
-from gradlora.compare import MINILM_TARGETS  # noqa: E402
+from gradlora.bundled import load_minilm_lora, load_rotten_tomatoes, make_batches  # noqa: E402
 from gradlora.spectral import exact_svd, randomized_svd  # noqa: E402
 
 
 def main(k: int = 16) -> None:
-    model, tok = load_minilm_classifier()
+    model, tok = load_minilm_lora()
     train, _ = load_rotten_tomatoes()
     batches = make_batches(tok, train, 32, 64, 8)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=MINILM_TARGETS, task_type="SEQ_CLS")
-    G = gradlora.estimate_gradients(get_peft_model(model, cfg), batches, progress=False)
+    G = gradlora.estimate_gradients(model, batches, progress=False)
     rows, t_exact, t_rand = [], 0.0, 0.0
     for name, g in G.items():
         start = time.perf_counter()

@@ -25,15 +25,9 @@ def data():
 
 
 def fresh_model():
-    from peft import LoraConfig, get_peft_model
+    from gradlora.bundled import load_minilm_lora
 
-    from gradlora.bundled import load_minilm_classifier
-    from gradlora.compare import MINILM_TARGETS
-
-    base, _ = load_minilm_classifier(num_hidden_layers=1)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=MINILM_TARGETS, task_type="SEQ_CLS")
-    torch.manual_seed(1)
-    return get_peft_model(base, cfg)
+    return load_minilm_lora(rank=4, alpha=8, num_hidden_layers=1)[0]
 
 
 def logits(model, batches):

