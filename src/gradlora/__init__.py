@@ -6,13 +6,16 @@ from .capture import estimate_gradients
 from .errors import GradLoraError
 from .optim import PreconditionedAdamW, create_preconditioned_optimizer
 from .peft_bridge import load_adapter, save_adapter
+from .trainer import GradLoraCallback, create_optimizer
 
 __all__ = [
+    "GradLoraCallback",
     "GradLoraError",
     "InitReport",
     "LayerReport",
     "PreconditionedAdamW",
     "__version__",
+    "create_optimizer",
     "create_preconditioned_optimizer",
     "estimate_gradients",
     "initialize",
