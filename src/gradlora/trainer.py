@@ -111,7 +111,10 @@ def load_converted_into(model: PeftModel, path: str | os.PathLike) -> None:
                 f"adapter at {path}; load it on a fresh PeftModel of the original base model"
             )
     with torch.no_grad():
-        set_peft_model_state_dict(model, state, adapter_name=targets[0].adapter)
+        result = set_peft_model_state_dict(model, state, adapter_name=targets[0].adapter)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k or targets[0].adapter in k]
+    if unexpected:
+        raise GradLoraError(f"the adapter at {path} has weights the model lacks: {unexpected[:5]}")
     if all(s is None for s in stored):
         write_factors(targets, factors, offset_base=True, set_adapter_weights=False)
 
@@ -120,6 +123,12 @@ def _save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs:
     """PeftModel.save_pretrained, writing the portable rank-2r form once the base is offset."""
     if not _is_offset(self):
         return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    selected = kwargs.get("selected_adapters")
+    if selected is not None and list(selected) != [find_targets(self)[0].adapter]:
+        raise GradLoraError(
+            f"selected_adapters={selected}: a LoRA-GA model saves its active adapter only "
+            "(gradlora.save_adapter); save other adapters from a model without the offset"
+        )
     if kwargs.get("is_main_process", True):
         save_adapter(self, save_directory)
     return None
