@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_batches, tiny_base, tiny_peft
-from peft import PeftModel
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from conftest import lora_config, make_batches, tiny_base, tiny_peft
+from peft import PeftModel, get_peft_model
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 import gradlora
 import gradlora.trainer as gtrainer
@@ -30,11 +30,11 @@ def rows(arch, n=4, batch=4):
 
 def args(tmp_path, **kw):
     kw.setdefault("max_steps", 3)
+    kw.setdefault("train_sampling_strategy", "sequential")
     kw.setdefault("save_strategy", "no")
     return TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
-        train_sampling_strategy="sequential",
         learning_rate=1e-2,
         report_to="none",
         use_cpu=True,
@@ -285,3 +285,36 @@ def test_unwraps_data_parallel_and_compile_wrappers():
     assert gtrainer.unwrap_peft_model(torch.compile(model)) is model
     opt = gradlora.create_optimizer(torch.nn.DataParallel(model), "adamw", lr=1e-3)
     assert len(opt.param_groups[0]["params"]) == sum(p.requires_grad for p in model.parameters())
+
+
+class PeftBuildingTrainer(Trainer):
+    """Like TRL's SFTTrainer with peft_config: the Trainer wraps the base model itself."""
+
+    def __init__(self, model, peft_config, **kw):
+        super().__init__(model=get_peft_model(model, peft_config), **kw)
+
+
+def test_trainer_built_peft_model_and_shuffled_data(tmp_path, init_calls):
+    seen = []
+
+    def collate(features):
+        batch = default_data_collator(features)
+        seen.append(batch["input_ids"].clone())
+        return batch
+
+    callback = gradlora.GradLoraCallback("lora-one", num_batches=2, progress=False)
+    trainer = PeftBuildingTrainer(
+        tiny_base("gpt2"),
+        lora_config("gpt2", r=2),
+        args=args(tmp_path, max_steps=2, train_sampling_strategy="random"),
+        train_dataset=rows("gpt2", n=4),
+        data_collator=collate,
+        callbacks=[callback],
+    )
+    trainer.train()
+    assert init_calls == [2] and callback.report.num_batches == 2
+    # the init saw the first two shuffled batches, and training then saw the same two: the
+    # init neither skipped data nor shifted the Trainer's shuffle
+    assert len(seen) >= 4  # 2 for the init, then training (accelerate reads one batch ahead)
+    assert torch.equal(seen[0], seen[2]) and torch.equal(seen[1], seen[3])
+    assert not torch.equal(seen[0], seen[1])
