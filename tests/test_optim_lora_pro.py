@@ -307,3 +307,9 @@ def test_works_as_trainer_optimizer(tmp_path):
     assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved)
     assert any("classifier" in n for n in moved)
     assert max(s["step"] for s in opt.state.values()) == 4
+
+
+def test_create_optimizer_by_name():
+    model, _ = tiny_peft("llama")
+    opt = gradlora.create_optimizer(model, "lora-pro", lr=1e-3, mode="full")
+    assert isinstance(opt, LoraProAdamW) and opt.param_groups[0]["mode"] == "full"

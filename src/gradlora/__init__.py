@@ -11,8 +11,10 @@ from .optim import (
     create_preconditioned_optimizer,
 )
 from .peft_bridge import load_adapter, save_adapter
+from .trainer import GradLoraCallback, create_optimizer
 
 __all__ = [
+    "GradLoraCallback",
     "GradLoraError",
     "InitReport",
     "LayerReport",
@@ -20,6 +22,7 @@ __all__ = [
     "PreconditionedAdamW",
     "__version__",
     "create_lora_pro_optimizer",
+    "create_optimizer",
     "create_preconditioned_optimizer",
     "estimate_gradients",
     "initialize",
