@@ -38,7 +38,7 @@ from .capture import LossFn
 from .errors import GradLoraError
 from .inits import make_method
 from .optim import create_lora_pro_optimizer, create_preconditioned_optimizer
-from .peft_bridge import SIDECAR, _lora_keys, find_targets, save_adapter, write_factors
+from .peft_bridge import SIDECAR, find_targets, save_adapter, split_converted, write_factors
 
 logger = logging.getLogger(__name__)
 
@@ -80,23 +80,7 @@ def load_converted_into(model: PeftModel, path: str | os.PathLike) -> None:
     path = Path(path)
     targets = find_targets(model)
     saved = load_file(str(path / "adapter_model.safetensors"))
-    state, factors = dict(saved), {}
-    for t in targets:
-        key_a, key_b = _lora_keys(t)
-        r = t.rank
-        a2, b2 = saved.get(key_a), saved.get(key_b)
-        if (
-            a2 is None
-            or b2 is None
-            or a2.shape != (2 * r, t.shape[1])
-            or b2.shape != (t.shape[0], 2 * r)
-        ):
-            raise GradLoraError(
-                f"the converted adapter at {path} does not match layer {t.name!r} (rank {r}, shape "
-                f"{t.shape}); resume on the same base model and LoraConfig it was trained with"
-            )
-        state[key_a], state[key_b] = a2[:r], b2[:, :r]
-        factors[t.name] = (a2[r:], -b2[:, r:])
+    state, factors = split_converted(saved, targets, path)
     stored = [t.init_factors() for t in targets]
     if any(s is not None for s in stored):
         same = all(
