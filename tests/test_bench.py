@@ -82,11 +82,12 @@ def test_lora_pro_methods_fail_clearly_when_missing(task):
 
 
 def test_bench_resumes_and_recomputes_only_on_a_changed_config(tmp_path):
-    cfg = small(tmp_path, seeds=[0, 1], extra_seeds_for=["lora"])
+    grids = {"lora": [1e-3, 3e-3], "full": [5e-5]}
+    cfg = small(tmp_path, seeds=[0, 1], extra_seeds_for=["lora"], lrs=grids)
     first = Bench(cfg, tmp_path, log=lambda s: None)
     results = first.run()
-    # lora: 3 rates at seed 0 + seed 1 at the best; full: 3 rates
-    assert first.computed == 7 and len(list((tmp_path / "runs").glob("*.json"))) == 7
+    # lora: 2 rates at seed 0 + seed 1 at the best; full: 1 rate, no extra seed
+    assert first.computed == 4 and len(list((tmp_path / "runs").glob("*.json"))) == 4
     best = results["methods"]["lora"]["best_lr"]
     assert best == best_lr(first.runs, "lora", 0, "val-loss")
     assert results["methods"]["lora"]["seeds"] == [0, 1] and results["methods"]["full"][
@@ -96,20 +97,20 @@ def test_bench_resumes_and_recomputes_only_on_a_changed_config(tmp_path):
 
     again = Bench(cfg, tmp_path, log=lambda s: None)
     again.run()
-    assert again.computed == 0 and len(again.runs) == 7
+    assert again.computed == 0 and len(again.runs) == 4
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")} == stored
 
     changed = Bench(
-        small(tmp_path, seeds=[0, 1], extra_seeds_for=["lora"], steps=4),
+        small(tmp_path, seeds=[0, 1], extra_seeds_for=["lora"], lrs=grids, steps=4),
         tmp_path,
         log=lambda s: None,
     )
     changed.run()
-    assert changed.computed == 7 and len(list((tmp_path / "runs").glob("*.json"))) == 14
+    assert changed.computed == 4 and len(list((tmp_path / "runs").glob("*.json"))) == 8
     assert all(len(r["losses"]) == 4 for r in changed.runs)
 
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["config"]["steps"] == 4 and len(saved["runs"]) == 7
+    assert saved["config"]["steps"] == 4 and len(saved["runs"]) == 4
     table = (tmp_path / "table.md").read_text()
     assert "| lora |" in table and "| full |" in table and "**best**" in table
     assert (tmp_path / "losses.png").stat().st_size > 5000

@@ -237,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text-column", default="text", help="(default: %(default)s)")
     t.add_argument(
         "--label-column",
-        default="label",
-        help="classification labels; absent from the file: causal LM (default: %(default)s)",
+        default=None,
+        help='column of classification labels (default: "label" if the file has one, '
+        "else the task is causal LM); naming a column makes it required",
     )
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
     t.add_argument(

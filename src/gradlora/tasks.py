@@ -139,7 +139,10 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def read_data_file(
-    path: str | Path, text_column: str = "text", label_column: str | None = "label"
+    path: str | Path,
+    text_column: str = "text",
+    label_column: str | None = "label",
+    label_required: bool = False,
 ) -> tuple[TextData, list[str] | None]:
     """(data, label names) from a CSV/TSV/JSONL/JSON file.
 
@@ -159,6 +162,11 @@ def read_data_file(
         raise GradLoraError(
             f"{path}: no column {text_column!r}; the columns are {columns} "
             "(choose one with --text-column)"
+        )
+    if label_required and label_column not in columns:
+        raise GradLoraError(
+            f"{path}: no column {label_column!r}; the columns are {columns} "
+            "(choose one with --label-column)"
         )
     use_labels = label_column is not None and label_column in columns
     texts, raw = [], []
@@ -262,6 +270,7 @@ def load_task(
     num_layers: int | None = None,
     text_column: str = "text",
     label_column: str = "label",
+    label_required: bool = False,
     targets: list[str] | str | None = None,
     split_seed: int = 0,
 ) -> Task:
@@ -301,7 +310,8 @@ def load_task(
             raise GradLoraError(
                 f"data not found: {data!r} is neither a built-in ({', '.join(DATASETS)}) nor a file"
             )
-        full, label_names = read_data_file(path, text_column, label_column)
+        full, label_names = read_data_file(path, text_column, label_column, label_required)
+        columns = list(_read_rows(path)[0].keys())
         kind = CLASSIFICATION if full.labels is not None else CAUSAL_LM
         identity |= {"file_sha256": _file_digest(path), "columns": [text_column, label_column]}
         splits = _split(
@@ -315,9 +325,15 @@ def load_task(
 
     model_path, builtin, default_targets = resolve_model(model)
     if builtin == "minilm" and kind == CAUSAL_LM:
+        found = (
+            f" ({data} has no {label_column!r} column; its columns are {columns})"
+            if data != "hamlet"
+            else ""
+        )
         raise GradLoraError(
-            "minilm is an encoder (classification only); text-only data needs a causal LM such "
-            "as --model smollm2"
+            "minilm is an encoder (classification only) and this data has no labels"
+            + found
+            + "; give the label column with --label-column, or use a causal LM such as --model smollm2"
         )
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
