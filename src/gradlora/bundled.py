@@ -79,6 +79,7 @@ def smollm2_path() -> str:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".smollm2-") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         if target.exists():  # a partial folder from an interrupted conversion
             shutil.rmtree(target)
         os.replace(tmp, target)
