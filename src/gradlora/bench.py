@@ -29,7 +29,7 @@ import torch
 
 from .errors import GradLoraError
 from .meter import measure
-from .methods import METHODS, build, get_method, method_available
+from .methods import METHODS, build, get_method
 from .tasks import CLASSIFICATION, Task, load_task
 from .train import evaluate, first_step_at_or_below, make_scheduler, smooth, train
 
@@ -149,7 +149,6 @@ class Bench:
         self.test_batches = self.task.eval_batches("test", cfg.max_length, eval_bs)
         self._train_batches: dict[int, list] = {}
         self.runs: list[dict[str, Any]] = []  # every run of the current config, in order
-        self.skipped: dict[str, str] = {}  # method -> why it did not run
         self.failed: list[dict[str, Any]] = []  # runs that raised (not stored: retried next time)
         self.computed = 0  # runs computed by this process (the rest came from the store)
 
@@ -256,11 +255,6 @@ class Bench:
         cfg = self.cfg
         extra = cfg.methods if cfg.extra_seeds_for is None else cfg.extra_seeds_for
         for method in cfg.methods:
-            why = method_available(method)
-            if why is not None:
-                self.skipped[method] = why
-                self.log(f"[skipped] {method}: {why}")
-                continue
             for lr in self.grid(method):
                 self.get_or_run(method, lr, cfg.seeds[0])
             best = best_lr(self.runs, method, cfg.seeds[0], cfg.select)
@@ -271,7 +265,7 @@ class Bench:
         return self.save()
 
     def results(self) -> dict[str, Any]:
-        return summarize(self.runs, self.cfg, self.task, self.skipped, self.failed, self.device)
+        return summarize(self.runs, self.cfg, self.task, self.failed, self.device)
 
     def save(self) -> dict[str, Any]:
         results = self.results()
@@ -321,7 +315,6 @@ def summarize(
     runs: list[dict[str, Any]],
     cfg: BenchConfig,
     task: Task,
-    skipped: dict[str, str] | None = None,
     failed: list[dict[str, Any]] | None = None,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
@@ -381,7 +374,6 @@ def summarize(
         "task": {"kind": task.kind, **task.identity, "label_names": task.label_names},
         "budgets": budgets,
         "methods": methods,
-        "skipped": skipped or {},
         "failed": failed or [],
         "runs": runs,
         "environment": {
@@ -467,8 +459,6 @@ def format_table(results: dict[str, Any]) -> str:
                 ]
                 row += [f"{s['val']['accuracy']:.3f}"] if classification else []
             notes.append("| " + " | ".join(row) + " |")
-    for name, why in results["skipped"].items():
-        notes.append(f"\nskipped {name}: {why}")
     for f in results["failed"]:
         last = f["error"].strip().splitlines()[-1]
         notes.append(f"\nFAILED {f['method']} lr={f['lr']:g} seed={f['seed']}: {last}")

@@ -322,11 +322,8 @@ def _bench(args) -> int:
 
 
 def _list_methods() -> int:
-    from .methods import method_available
-
     for name, m in METHODS.items():
-        why = method_available(name)
-        print(f"{name:18s} {m.about}{'  [not available: LoRA-Pro missing]' if why else ''}")
+        print(f"{name:18s} {m.about}")
         for kind in ("classification", "causal-lm"):
             grid = ", ".join(f"{v:g}" for v in m.grid[kind])
             print(f"{'':18s}   {kind}: lr {m.lr[kind]:g}, grid {grid}")

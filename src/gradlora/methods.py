@@ -20,11 +20,6 @@ from torch import nn
 from .errors import GradLoraError
 from .tasks import CLASSIFICATION, Task
 
-LORA_PRO_MISSING = (
-    "the LoRA-Pro optimizer (gradlora.optim.lora_pro.create_lora_pro_optimizer) is not part of "
-    "this gradlora yet; run the other methods, or update gradlora"
-)
-
 
 @dataclass(frozen=True)
 class Method:
@@ -193,25 +188,6 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def lora_pro_factory():
-    """``create_lora_pro_optimizer``, or a GradLoraError if this gradlora has no LoRA-Pro yet."""
-    try:
-        from .optim.lora_pro import create_lora_pro_optimizer
-    except ImportError:
-        raise GradLoraError(LORA_PRO_MISSING) from None
-    return create_lora_pro_optimizer
-
-
-def method_available(name: str) -> str | None:
-    """None if ``name`` can run here, else why not (LoRA-Pro not merged yet)."""
-    if get_method(name).optimizer == "lora-pro":
-        try:
-            lora_pro_factory()
-        except GradLoraError as err:
-            return str(err)
-    return None
-
-
 @dataclass
 class Built:
     model: nn.Module
@@ -262,7 +238,6 @@ def build(
     from peft import get_peft_model
 
     method = get_method(method) if isinstance(method, str) else method
-    make_lora_pro = lora_pro_factory() if method.optimizer == "lora-pro" else None
     model = task.load_base(seed).to(device)
     init_seconds, summary = 0.0, None
     if method.full:
@@ -314,9 +289,9 @@ def build(
             model, torch.optim.AdamW, lr=lr, weight_decay=weight_decay
         )
     elif method.optimizer == "lora-pro":
-        opt = make_lora_pro(
-            model, lr=lr, mode="efficient", betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay
-        )
+        from .optim import create_lora_pro_optimizer
+
+        opt = create_lora_pro_optimizer(model, lr=lr, mode="efficient", weight_decay=weight_decay)
     else:  # pragma: no cover - the registry above is the only source of methods
         raise GradLoraError(f"unknown optimizer {method.optimizer!r}")
     return Built(model, opt, init_seconds, summary)
