@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from . import inits
+from .distributed import unwrap_model
 from .errors import GradLoraError
 
 WEIGHT0 = "gradlora_weight0"  # buffer name of the init factors A0 / B0 on lora_A / lora_B
@@ -106,8 +107,10 @@ def active_adapter(model: nn.Module) -> str:
 def find_targets(model: nn.Module) -> list[LoraTarget]:
     """Every LoRA layer of the active adapter, with its base-model name; errors name the fix.
 
-    Accepts a PeftModel or any module into which peft injected LoRA layers.
+    Accepts a PeftModel or any module into which peft injected LoRA layers, also wrapped in
+    DistributedDataParallel (the wrapper is looked through).
     """
+    model = unwrap_model(model)
     if isinstance(model, PeftModel) and not isinstance(
         model.peft_config.get(model.active_adapter), LoraConfig
     ):
@@ -244,6 +247,7 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
     as it is. Files are written to a temporary folder and moved into ``path`` when complete.
     Returns the folder.
     """
+    model = unwrap_model(model)
     if not isinstance(model, PeftModel):
         raise GradLoraError(
             "save_adapter needs a peft.PeftModel (it writes the adapter's LoraConfig)"
