@@ -14,7 +14,7 @@ from .capture import LossFn, capture
 from .errors import GradLoraError
 from .inits import check_rank, init_from_gradient, make_method
 from .meter import PhaseCost, measure
-from .peft_bridge import find_targets, write_factors
+from .peft_bridge import check_trainable, find_targets, write_factors
 
 
 @dataclass
@@ -83,6 +83,7 @@ def initialize(
     model = dist_.unwrap_model(model)
     sync = dist_.resolve(distributed, process_group)
     targets = find_targets(model)
+    check_trainable(targets)
     for t in targets:
         check_rank(spec, t.rank, t.shape, t.name)
     done = [t.name for t in targets if t.init_factors() is not None]
