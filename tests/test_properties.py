@@ -21,6 +21,16 @@ from gradlora.spectral import best_rank_approx, exact_svd, randomized_svd
 FAST = settings(max_examples=25, deadline=None, database=None)  # no .hypothesis folder
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from 2 threads, and on a shared CPU the second thread's waits
+    make every op several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=torch.float64)).Q
 

@@ -26,6 +26,16 @@ import gradlora.inits
 from gradlora.peft_bridge import find_targets
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from 2 threads, and on a shared CPU the second thread's waits
+    make every op several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def init_fails_untouched(model, error, match, batches, **kw):
     """initialize raises ``error`` matching ``match``; model and global RNG exactly as before."""
     before = model_snapshot(model)
@@ -352,48 +362,46 @@ def test_finite_loss_with_infinite_gradient_names_the_batch():
 # --- determinism --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("svd", ["exact", "randomized"])
-@pytest.mark.parametrize("method", ["lora-ga", "lora-one"])
-def test_same_seed_and_batches_give_bit_identical_init(svd, method):
+@pytest.mark.parametrize(
+    "method,svd", [("lora-ga", "exact"), ("lora-ga", "randomized"), ("lora-one", "randomized")]
+)
+def test_same_seed_and_batches_give_bit_identical_init(method, svd):
+    """Two fresh runs (different global RNG states) give the same A, B, W bit for bit; with the
+    randomized SVD another seed gives other factors, so the sketch really is in play."""
     runs = []
-    for _ in range(2):
-        model, _ = tiny_peft("llama", r=2)
+    for seed in (3, 3, 4) if svd == "randomized" else (3, 3):
+        model, _ = tiny_peft("gpt2", r=2)
         torch.manual_seed(1234 + len(runs))  # the global RNG must not matter
         gradlora.initialize(
-            model, make_batches("llama"), method=method, svd=svd, seed=3, progress=False
+            model,
+            make_batches("gpt2"),
+            method=method,
+            svd=svd,
+            seed=seed,
+            svd_niter=1,
+            progress=False,
         )
         runs.append({k: v.clone() for k, v in model.state_dict().items()})
-    a, b = runs
+    a, b = runs[:2]
     assert a.keys() == b.keys()
-    changed = 0
-    fresh = tiny_peft("llama", r=2)[0].state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-        changed += not torch.equal(a[k], fresh[k])
-    assert changed >= 28  # A and B of 14 layers (and W with LoRA-GA) really were written
-
-
-def test_randomized_svd_seed_matters():
-    """The bit-identity above is not because the sketch is ignored: another seed differs."""
-    out = []
-    for seed in (0, 1):
-        model, _ = tiny_peft("llama", r=2)
-        gradlora.initialize(
-            model, make_batches("llama"), svd="randomized", svd_niter=0, seed=seed, progress=False
-        )
-        out.append(find_targets(model)[0].A.detach().clone())
-    assert not torch.equal(out[0], out[1])
+    written = [k for k in a if "lora_A" in k or "lora_B" in k]
+    assert len(written) == 16 and all(a[k].abs().max() > 0 for k in written)
+    if svd == "randomized":
+        assert any(not torch.equal(a[k], runs[2][k]) for k in written)
 
 
 # --- low precision: the offset is computed in fp32, its rounding is one unit of W' ---------------
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # nn.Linear, and Conv1D (transposed)
 def test_low_precision_offset_rounding(arch, dtype):
     """W' = round(W - s B0 A0) with the product in fp32. Per entry |W' + s B0 A0 - W| <= u |W'|
     (u = eps / 2, the unit roundoff), hence in Frobenius norm <= u ||W'||: asserted as such.
     The whole model's logits move by the layers' rounding, propagated through two blocks:
-    measured 1.2 - 2.4 eps on these tiny models, asserted < 5 eps."""
+    measured 1.2 - 2.4 eps on tiny llama, gpt2 and bert, asserted < 5 eps."""
     eps = torch.finfo(dtype).eps
     model, _ = tiny_peft(arch)
     model.to(dtype)
