@@ -83,6 +83,7 @@ def test_fingerprint_sees_one_bit():
     assert not torch.equal(fingerprint(x), fingerprint(z))
     assert torch.equal(fingerprint(x), fingerprint(x.clone()))
     assert fingerprint(x.bfloat16()).dtype == torch.int64
+    assert torch.equal(fingerprint(y, chunk=7), fingerprint(y))  # chunking changes nothing
 
 
 def test_single_process_needs_no_process_group():

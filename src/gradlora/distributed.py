@@ -102,14 +102,20 @@ def make_reduce(group: Any = None):
     return reduce
 
 
-def fingerprint(t: Tensor) -> Tensor:
+def fingerprint(t: Tensor, chunk: int = 1 << 22) -> Tensor:
     """Two int64 that change with any bit of ``t``: the sum of its bit patterns, and the sum
-    weighted by position (exact integer arithmetic, so independent of summation order)."""
+    weighted by position (exact integer arithmetic, so independent of summation order).
+    Works through ``chunk`` entries at a time: a few 32 MiB temporaries, whatever the size."""
     flat = t.detach().reshape(-1)
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
-    bits = flat.view(ints).to(torch.int64)
-    weights = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.int64) % 65521
-    return torch.stack([bits.sum(), (bits * (weights + 1)).sum()])
+    flat = flat.view(ints)
+    total = torch.zeros(2, dtype=torch.int64, device=flat.device)
+    for start in range(0, flat.numel(), chunk):
+        bits = flat[start : start + chunk].to(torch.int64)
+        pos = torch.arange(start, start + bits.numel(), device=bits.device, dtype=torch.int64)
+        total[0] += bits.sum()
+        total[1] += (bits * (pos % 65521 + 1)).sum()
+    return total
 
 
 def synchronize(tensors: Sequence[Tensor], group: Any = None, src: int = 0) -> list[int]:
