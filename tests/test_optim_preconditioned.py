@@ -242,3 +242,18 @@ def test_works_as_trainer_optimizer(tmp_path):
     ]
     assert any("lora_A" in n for n in moved) and any("classifier" in n for n in moved)
     assert max(s["step"] for s in opt.state.values()) == 4
+
+
+def test_batched_gram_inverses_match_the_per_pair_solve():
+    from gradlora.optim.preconditioned import gram_inverses
+
+    As = [rand(3, n, seed=i) for i, n in enumerate((7, 4, 9))]
+    Bs = [rand(m, 3, seed=10 + i) * 0.1 for i, m in enumerate((5, 8, 2))]
+    Bs[1] = torch.zeros(8, 3)  # vanilla init in the same batch
+    B_inv = gram_inverses(Bs, left=True, damping=1e-3)
+    A_inv = gram_inverses(As, left=False, damping=1e-3)
+    for k, (A, B) in enumerate(zip(As, Bs, strict=True)):
+        gA, gB = rand(*A.shape, seed=20 + k), rand(*B.shape, seed=30 + k)
+        hA, hB = precondition(gA, gB, A, B, 1e-3)
+        torch.testing.assert_close(B_inv[k] @ gA, hA, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gB @ A_inv[k], hB, rtol=1e-4, atol=1e-5)

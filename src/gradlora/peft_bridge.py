@@ -300,6 +300,32 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
     return path
 
 
+def split_converted(
+    saved: Mapping[str, Tensor], targets: list[LoraTarget], path: str | os.PathLike
+) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    """Split a converted rank-2r state dict (A' = [A; A0], B' = [B, -B0]) into peft's rank-r
+    state dict and the init factors {layer: (A0, B0)}; errors name the mismatching layer."""
+    state, factors = dict(saved), {}
+    for t in targets:
+        key_a, key_b = _lora_keys(t)
+        if key_a not in saved or key_b not in saved:
+            raise GradLoraError(
+                f"adapter at {path} has no weights for layer {t.name!r}: it was saved from a "
+                "different model or target_modules; load it on the base model it was trained on"
+            )
+        a2, b2 = saved[key_a], saved[key_b]
+        r = t.rank
+        if a2.shape != (2 * r, t.shape[1]) or b2.shape != (t.shape[0], 2 * r):
+            raise GradLoraError(
+                f"adapter at {path} has shapes {tuple(a2.shape)}, {tuple(b2.shape)} for layer "
+                f"{t.name!r}; a converted rank-{r} adapter of this model needs "
+                f"{(2 * r, t.shape[1])}, {(t.shape[0], 2 * r)}"
+            )
+        state[key_a], state[key_b] = a2[:r], b2[:, :r]
+        factors[t.name] = (a2[r:], -b2[:, r:])
+    return state, factors
+
+
 def load_adapter(
     base_model: nn.Module,
     path: str | os.PathLike,
@@ -414,24 +440,7 @@ def _load_converted(
     config.inference_mode = not is_trainable
     model = get_peft_model(base_model, config, adapter_name=adapter_name)
     targets = find_targets(model)
-    state, factors = dict(saved), {}
-    for t in targets:
-        key_a, key_b = _lora_keys(t)
-        if key_a not in saved or key_b not in saved:
-            raise GradLoraError(
-                f"adapter at {path} has no weights for layer {t.name!r}: it was saved from a "
-                "different model or target_modules; load it on the base model it was trained on"
-            )
-        a2, b2 = saved[key_a], saved[key_b]
-        r = t.rank
-        if a2.shape != (2 * r, t.shape[1]) or b2.shape != (t.shape[0], 2 * r):
-            raise GradLoraError(
-                f"adapter at {path} has shapes {tuple(a2.shape)}, {tuple(b2.shape)} for layer "
-                f"{t.name!r}; a converted rank-{r} adapter of this model needs "
-                f"{(2 * r, t.shape[1])}, {(t.shape[0], 2 * r)}"
-            )
-        state[key_a], state[key_b] = a2[:r], b2[:, :r]
-        factors[t.name] = (a2[r:], -b2[:, r:])
+    state, factors = split_converted(saved, targets, path)
     result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     unexpected = [k for k in result.unexpected_keys if adapter_name in k or "lora_" in k]
     if unexpected:

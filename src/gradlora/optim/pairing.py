@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import GradLoraError
 from ..peft_bridge import find_targets
@@ -29,6 +29,15 @@ class LoraPair:
 def find_lora_pairs(model: nn.Module) -> list[LoraPair]:
     """The (A, B) pair of every LoRA layer of the active adapter."""
     return [LoraPair(t.name, t.A, t.B, t.scaling) for t in find_targets(model)]
+
+
+def group_by_rank(params: list[Tensor]) -> list[list[int]]:
+    """Pair indices of a flat A1, B1, A2, B2, ... list grouped by (rank, device, dtype) of A,
+    so that each group's r x r work runs as one batched call."""
+    groups: dict[tuple, list[int]] = {}
+    for i, A in enumerate(params[0::2]):
+        groups.setdefault((A.shape[0], A.device, A.dtype), []).append(i)
+    return list(groups.values())
 
 
 def split_trainable(model: nn.Module) -> tuple[list[LoraPair], list[nn.Parameter]]:

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..errors import GradLoraError
-from .pairing import split_trainable
+from .adamw import adamw_foreach_
+from .pairing import group_by_rank, split_trainable
 
 
 def _solve_dtype(t: Tensor) -> torch.dtype:
@@ -44,40 +45,14 @@ def precondition(
     return out_A, out_B
 
 
-def adamw_update_(
-    p: Tensor,
-    g: Tensor,
-    state: dict[str, Any],
-    *,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    bias_correction: bool,
-) -> None:
-    """One decoupled AdamW step on ``p`` from gradient ``g``; moments kept in at least fp32.
-
-    m = β1 m + (1-β1) g;  v = β2 v + (1-β2) g²;  p <- p (1 - lr wd) - lr m̂ / (sqrt(v̂) + eps),
-    m̂ = m / (1-β1^t), v̂ = v / (1-β2^t) with bias correction, m̂ = m, v̂ = v without.
-    """
-    beta1, beta2 = betas
-    if not state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(p, dtype=_solve_dtype(p))
-        state["exp_avg_sq"] = torch.zeros_like(p, dtype=_solve_dtype(p))
-    state["step"] += 1
-    t = state["step"]
-    m, v = state["exp_avg"], state["exp_avg_sq"]
-    g = g.to(m.dtype)
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    if bias_correction:
-        update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt_().add_(eps))
-    else:
-        update = m / v.sqrt().add_(eps)
-    if weight_decay:
-        p.mul_(1 - lr * weight_decay)
-    p.add_(update.to(p.dtype), alpha=-lr)
+def gram_inverses(mats: list[Tensor], left: bool, damping: float) -> Tensor:
+    """(L, r, r) stack of (MᵀM + λI)⁻¹ (left=True, M = B (m, r)) or (MMᵀ + λI)⁻¹ (M = A (r, n)),
+    one batched solve for all L matrices of equal rank r, in at least fp32."""
+    dtype = _solve_dtype(mats[0])
+    Ms = [M.detach().to(dtype) for M in mats]
+    grams = torch.stack([M.T @ M if left else M @ M.T for M in Ms])
+    eye = torch.eye(grams.shape[-1], dtype=dtype, device=grams.device)
+    return torch.linalg.solve(grams + damping * eye, eye.expand_as(grams))
 
 
 class PreconditionedAdamW(Optimizer):
@@ -125,29 +100,35 @@ class PreconditionedAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params = group["params"]
+            params, grads = [], []
             if group["lora_pairs"]:
-                updates = []
-                for A, B in zip(params[0::2], params[1::2], strict=True):
-                    g_A, g_B = precondition(A.grad, B.grad, A, B, group["damping"])
-                    updates += [(A, g_A), (B, g_B)]
+                for idx in group_by_rank(group["params"]):
+                    As = [group["params"][2 * i] for i in idx]
+                    Bs = [group["params"][2 * i + 1] for i in idx]
+                    B_inv = gram_inverses(Bs, left=True, damping=group["damping"])
+                    A_inv = gram_inverses(As, left=False, damping=group["damping"])
+                    for k, (A, B) in enumerate(zip(As, Bs, strict=True)):
+                        if A.grad is not None:
+                            params.append(A)
+                            grads.append(B_inv[k] @ A.grad.to(B_inv.dtype))
+                        if B.grad is not None:
+                            params.append(B)
+                            grads.append(B.grad.to(A_inv.dtype) @ A_inv[k])
             else:
-                updates = [(p, p.grad) for p in params]
-            for p, g in updates:
-                if g is None:
-                    continue
-                if g.is_sparse:
-                    raise GradLoraError("PreconditionedAdamW does not support sparse gradients")
-                adamw_update_(
-                    p,
-                    g,
-                    self.state[p],
-                    lr=group["lr"],
-                    betas=group["betas"],
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    bias_correction=group["bias_correction"],
-                )
+                params = [p for p in group["params"] if p.grad is not None]
+                grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                raise GradLoraError("PreconditionedAdamW does not support sparse gradients")
+            adamw_foreach_(
+                params,
+                grads,
+                [self.state[p] for p in params],
+                lr=group["lr"],
+                betas=group["betas"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                bias_correction=group["bias_correction"],
+            )
         return loss
 
 

@@ -1,0 +1,331 @@
+"""LoRA-Pro (ALGORITHMS.md 4): adjust the LoRA gradients so that the low-rank step is the one
+closest to the full fine-tuning gradient.
+
+Per pair A (r, n), B (m, r) with scaling s, autograd gives g_A = s Bᵀ g and g_B = s g Aᵀ for
+the (never formed) full gradient g (m, n). The adjusted gradients
+
+    g_A' = (1/s²) (BᵀB)⁻¹ g_A + X A
+    g_B' = (1/s²) [I - B (BᵀB)⁻¹ Bᵀ] g_B (AAᵀ)⁻¹ - B X
+
+make the equivalent gradient s (B g_A' + g_B' A) = P_B g + (I - P_B) g P_A, the projection of
+g onto the rank-r tangent space (P_B = B(BᵀB)⁻¹Bᵀ, P_A = Aᵀ(AAᵀ)⁻¹A), and X, the solution of
+the Sylvester equation BᵀB X + X AAᵀ = -(1/s²) (BᵀB)⁻¹ g_A Aᵀ, keeps (g_A', g_B') closest to
+(g_A, g_B). Both r x r Gram matrices are regularized (+ damping I, eigenvalues clamped at 0)
+and diagonalized once by ``eigh``; inverses and X come from the two eigendecompositions.
+
+``lora_pro_adjust`` is the one-pair reference; ``PairBatch`` does the same for many pairs of
+equal rank with one batched ``eigh`` per Gram matrix, and is what the optimizer runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ..errors import GradLoraError
+from .adamw import adamw_foreach_, state_dtype
+from .pairing import group_by_rank, split_trainable
+
+log = logging.getLogger("gradlora")
+MODES = ("efficient", "full")
+
+
+def psd_eigh(M: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """(λ + damping, P) with M = P diag(λ) Pᵀ; M (..., r, r) symmetric PSD, λ clamped at 0."""
+    lam, P = torch.linalg.eigh(M)
+    return lam.clamp_min(0).add_(damping), P
+
+
+def solve_sylvester_psd(P: Tensor, lam: Tensor, Q: Tensor, mu: Tensor, C: Tensor) -> Tensor:
+    """X (..., r, r) with (P diag(λ) Pᵀ) X + X (Q diag(μ) Qᵀ) = C.
+
+    X = P [(Pᵀ C Q) ⊘ (λ_i + μ_j)] Qᵀ; every λ_i + μ_j > 0 when both are damped.
+    """
+    return P @ ((P.mT @ C @ Q) / (lam[..., :, None] + mu[..., None, :])) @ Q.mT
+
+
+def _inverse(P: Tensor, lam: Tensor) -> Tensor:
+    return (P / lam[..., None, :]) @ P.mT
+
+
+def lora_pro_adjust(
+    g_A: Tensor, g_B: Tensor, A: Tensor, B: Tensor, scaling: float, damping: float = 1e-6
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(g_A' (r, n), g_B' (m, r), X (r, r)) for one pair, in fp32 or wider (module doc)."""
+    dtype = state_dtype(A)
+    A, B, g_A, g_B = (t.detach().to(dtype) for t in (A, B, g_A, g_B))
+    lam, P = psd_eigh(B.T @ B, damping)
+    mu, Q = psd_eigh(A @ A.T, damping)
+    B_inv, A_inv = _inverse(P, lam), _inverse(Q, mu)
+    s2 = scaling**2
+    a0 = B_inv @ g_A / s2
+    X = solve_sylvester_psd(P, lam, Q, mu, -a0 @ A.T)
+    g_A_new = a0 + X @ A
+    g_B_new = (g_B - B @ (B_inv @ (B.T @ g_B))) @ A_inv / s2 - B @ X
+    return g_A_new, g_B_new, X
+
+
+def equivalent_gradient(
+    g_A: Tensor, g_B: Tensor, A: Tensor, B: Tensor, scaling: float, damping: float = 1e-6
+) -> Tensor:
+    """g̃ (m, n) = s (B g_A' + g_B' A) = P_B g + (I - P_B) g P_A, written with X = 0
+    (X cancels in g̃): (1/s) [B (BᵀB)⁻¹ g_A + (I - P_B) g_B (AAᵀ)⁻¹ A]."""
+    dtype = state_dtype(A)
+    A, B, g_A, g_B = (t.detach().to(dtype) for t in (A, B, g_A, g_B))
+    lam, P = psd_eigh(B.T @ B, damping)
+    mu, Q = psd_eigh(A @ A.T, damping)
+    B_inv, A_inv = _inverse(P, lam), _inverse(Q, mu)
+    left = (g_B - B @ (B_inv @ (B.T @ g_B))) @ A_inv
+    return (B @ (B_inv @ g_A) + left @ A) / scaling
+
+
+class PairBatch:
+    """The r x r algebra of many (A, B) pairs of equal rank, with one batched ``eigh`` each for
+    the BᵀB and AAᵀ stacks (L, r, r). Factors are read once, at construction."""
+
+    def __init__(self, As: list[Tensor], Bs: list[Tensor], scalings: list[float], damping: float):
+        dtype = state_dtype(As[0])
+        self.As = [A.detach().to(dtype) for A in As]
+        self.Bs = [B.detach().to(dtype) for B in Bs]
+        device = self.As[0].device
+        self.s = torch.tensor(scalings, dtype=dtype, device=device)[:, None, None]
+        self.lam, self.P = psd_eigh(torch.stack([B.T @ B for B in self.Bs]), damping)
+        self.mu, self.Q = psd_eigh(torch.stack([A @ A.T for A in self.As]), damping)
+        self.B_inv = _inverse(self.P, self.lam)
+        self.A_inv = _inverse(self.Q, self.mu)
+
+    def adjust(self, g_As: list[Tensor], g_Bs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """[g_A'], [g_B'] for every pair: ``lora_pro_adjust`` batched over the r x r work."""
+        dtype = self.s.dtype
+        g_As = [g.to(dtype) for g in g_As]
+        g_Bs = [g.to(dtype) for g in g_Bs]
+        s2 = self.s**2
+        GAt = torch.stack([g @ A.T for g, A in zip(g_As, self.As, strict=True)])
+        BtG = torch.stack([B.T @ g for B, g in zip(self.Bs, g_Bs, strict=True)])
+        X = solve_sylvester_psd(self.P, self.lam, self.Q, self.mu, -(self.B_inv @ GAt) / s2)
+        # g_B' = (1/s²) g_B (AAᵀ)⁻¹ - B Y with Y = (1/s²) (BᵀB)⁻¹ Bᵀ g_B (AAᵀ)⁻¹ + X
+        Y = self.B_inv @ BtG @ self.A_inv / s2 + X
+        left_A = self.B_inv / s2
+        right_B = self.A_inv / s2
+        out_A = [torch.addmm(X[i] @ A, left_A[i], g_As[i]) for i, A in enumerate(self.As)]
+        out_B = [torch.addmm(B @ Y[i], g_Bs[i], right_B[i], beta=-1) for i, B in enumerate(self.Bs)]
+        return out_A, out_B
+
+    def equivalent(self, i: int, g_A: Tensor, g_B: Tensor) -> Tensor:
+        """g̃ (m, n) of pair i: ``equivalent_gradient`` with the shared factorizations."""
+        dtype = self.s.dtype
+        A, B, B_inv = self.As[i], self.Bs[i], self.B_inv[i]
+        g_A, g_B = g_A.to(dtype), g_B.to(dtype)
+        left = (g_B - B @ (B_inv @ (B.T @ g_B))) @ self.A_inv[i]
+        return torch.addmm(left @ A, B, B_inv @ g_A).div_(self.s[i])
+
+
+class LoraProAdamW(Optimizer):
+    """AdamW on LoRA-Pro's adjusted gradients (``lora_pairs`` groups) and plain AdamW elsewhere.
+
+    A ``lora_pairs=True`` group lists A1, B1, A2, B2, ... and ``scalings`` (s per pair); build it
+    with ``create_lora_pro_optimizer``. mode="efficient": Adam moments of (g_A', g_B'), the size
+    of the LoRA weights. mode="full": Adam moments (m, n) of the equivalent gradient g̃ per pair
+    (kept in A's state), the normalized step D = m̂ / (sqrt(v̂) + eps) re-projected to
+    (s Bᵀ D, s D Aᵀ) and adjusted again; A -= lr D_A', B -= lr D_B'. Weight decay is decoupled
+    and applies to A and B. ``.grad`` is never modified; the state holds tensors and numbers.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        damping: float = 1e-6,
+        mode: str = "efficient",
+        bias_correction: bool = True,
+    ):
+        if not lr >= 0:
+            raise GradLoraError(f"lr must be >= 0, got {lr}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise GradLoraError(f"betas must lie in [0, 1), got {betas}")
+        if not damping > 0:
+            raise GradLoraError(f"damping must be > 0 (it keeps B = 0 finite), got {damping}")
+        if mode not in MODES:
+            raise GradLoraError(f"unknown LoRA-Pro mode {mode!r}; choose 'efficient' or 'full'")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            damping=damping,
+            mode=mode,
+            bias_correction=bias_correction,
+            lora_pairs=False,
+            scalings=None,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["lora_pairs"]:
+                _check_group(group)
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        keys = ("lr", "betas", "eps", "weight_decay", "bias_correction")
+        return {k: group[k] for k in keys}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["lora_pairs"]:
+                self._step_pairs(group)
+                continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise GradLoraError("LoraProAdamW does not support sparse gradients")
+            adamw_foreach_(
+                params,
+                [p.grad for p in params],
+                [self.state[p] for p in params],
+                **self._hyper(group),
+            )
+        return loss
+
+    def _step_pairs(self, group: dict[str, Any]) -> None:
+        params = group["params"]
+        for idx in group_by_rank(params):
+            idx = [
+                i
+                for i in idx
+                if params[2 * i].grad is not None or params[2 * i + 1].grad is not None
+            ]
+            if not idx:
+                continue
+            As = [params[2 * i] for i in idx]
+            Bs = [params[2 * i + 1] for i in idx]
+            ss = [group["scalings"][i] for i in idx]
+            g_As = [A.grad if A.grad is not None else torch.zeros_like(A) for A in As]
+            g_Bs = [B.grad if B.grad is not None else torch.zeros_like(B) for B in Bs]
+            batch = PairBatch(As, Bs, ss, group["damping"])
+            if group["mode"] == "efficient":
+                new_A, new_B = batch.adjust(g_As, g_Bs)
+                adamw_foreach_(
+                    As + Bs,
+                    new_A + new_B,
+                    [self.state[p] for p in As + Bs],
+                    **self._hyper(group),
+                )
+            else:
+                self._full_step(group, batch, As, Bs, g_As, g_Bs)
+
+    def _full_step(self, group, batch: PairBatch, As, Bs, g_As, g_Bs) -> None:
+        hyper = self._hyper(group)
+        lr, wd = hyper["lr"], hyper["weight_decay"]
+        D_As, D_Bs = [], []
+        for i, A in enumerate(As):  # one (m, n) g̃ and D live at a time
+            # the moments of g̃ live in A's state; D = m̂ / (sqrt(v̂) + eps) is AdamW's direction
+            D = _adam_direction(self.state[A], batch.equivalent(i, g_As[i], g_Bs[i]), **hyper)
+            D_As.append(batch.s[i] * (batch.Bs[i].T @ D))
+            D_Bs.append(batch.s[i] * (D @ batch.As[i].T))
+            del D
+        new_A, new_B = batch.adjust(D_As, D_Bs)
+        for p, d in zip(As + Bs, new_A + new_B, strict=True):
+            if wd:
+                p.mul_(1 - lr * wd)
+            p.add_(d.to(p.dtype), alpha=-lr)
+
+
+def _adam_direction(
+    state: dict[str, Any],
+    g: Tensor,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+) -> Tensor:
+    """Update the (m, n) moments with g̃ and return m̂ / (sqrt(v̂) + eps)."""
+    beta1, beta2 = betas
+    if not state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(g)
+        state["exp_avg_sq"] = torch.zeros_like(g)
+    state["step"] += 1
+    t = state["step"]
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    c1, c2 = (1 - beta1**t, 1 - beta2**t) if bias_correction else (1.0, 1.0)
+    return (m / c1).div_((v / c2).sqrt_().add_(eps))
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    params, scalings = group["params"], group["scalings"]
+    if len(params) % 2:
+        raise GradLoraError("a lora_pairs group needs parameters in (A, B) order: A1, B1, A2, ...")
+    if scalings is None or len(scalings) != len(params) // 2:
+        raise GradLoraError(
+            "a lora_pairs group needs 'scalings', one LoRA scaling s per (A, B) pair; build the "
+            "optimizer with create_lora_pro_optimizer(model, ...)"
+        )
+    for A, B in zip(params[0::2], params[1::2], strict=True):
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise GradLoraError(
+                f"parameters of shapes {tuple(A.shape)} and {tuple(B.shape)} are not a LoRA "
+                "(A (r, n), B (m, r)) pair; build the optimizer with create_lora_pro_optimizer"
+            )
+
+
+def create_lora_pro_optimizer(
+    model: nn.Module,
+    lr: float,
+    mode: str = "efficient",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    damping: float = 1e-6,
+    bias_correction: bool = True,
+) -> LoraProAdamW:
+    """LoraProAdamW over a PeftModel: the active adapter's (A, B) pairs with their scalings
+    (alpha/r, or alpha/sqrt(r) with rsLoRA, read from each layer), and every other trainable
+    parameter (head, biases) as plain AdamW. mode="full" keeps two (m, n) fp32 moments per
+    adapted weight and logs how much memory that is. Works in plain loops, with LR schedulers,
+    gradient clipping and ``Trainer(optimizers=(opt, scheduler))``.
+    """
+    if mode not in MODES:
+        raise GradLoraError(f"unknown LoRA-Pro mode {mode!r}; choose 'efficient' or 'full'")
+    pairs, others = split_trainable(model)
+    if mode == "full":
+        extra = sum(2 * p.B.shape[0] * p.A.shape[1] * 4 for p in pairs)
+        log.warning(
+            "LoRA-Pro mode='full' keeps (m, n) Adam moments for %d adapted weights: %.1f MiB of "
+            "extra optimizer memory (mode='efficient' keeps LoRA-sized moments)",
+            len(pairs),
+            extra / 2**20,
+        )
+    groups = [
+        {
+            "params": [p for pair in pairs for p in (pair.A, pair.B)],
+            "scalings": [pair.scaling for pair in pairs],
+            "lora_pairs": True,
+        }
+    ]
+    if others:
+        groups.append({"params": others, "lora_pairs": False})
+    return LoraProAdamW(
+        groups,
+        lr=lr,
+        betas=betas,
+        eps=eps,
+        weight_decay=weight_decay,
+        damping=damping,
+        mode=mode,
+        bias_correction=bias_correction,
+    )
