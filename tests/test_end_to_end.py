@@ -73,36 +73,19 @@ def test_real_minilm_init_train_save_and_plain_peft_load(tmp_path, data):
     assert all(t.init_factors() is None for t in find_targets(plain))  # plain peft, nothing of ours
 
 
-def test_cli_compare_writes_table_json_and_plot(tmp_path, capsys):
+def test_cli_bench_writes_table_json_and_plot(tmp_path, capsys):
     from gradlora.cli import main
 
-    code = main(
-        [
-            "compare",
-            "--methods",
-            "lora,lora-one-precond",
-            "--steps",
-            "3",
-            "--batch-size",
-            "8",
-            "--num-layers",
-            "1",
-            "--init-batches",
-            "2",
-            "--test-size",
-            "64",
-            "--max-length",
-            "32",
-            "--out",
-            str(tmp_path),
-            "--no-progress",
-        ]
-    )
-    assert code == 0
+    args = ["bench", "--methods", "lora,lora-one", "--no-sweep", "--steps", "3"]
+    args += ["--batch-size", "8", "--num-layers", "1", "--init-batches", "2", "--val-size", "32"]
+    args += ["--test-size", "64", "--max-length", "32", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    assert "| lora |" in out and "| lora-one-precond |" in out
+    assert "| lora |" in out and "| lora-one |" in out and "2 run(s) computed" in out
     results = json.loads((tmp_path / "results.json").read_text())
-    assert [r["method"] for r in results["runs"]] == ["lora", "lora-one-precond"]
+    assert [r["method"] for r in results["runs"]] == ["lora", "lora-one"]
     assert all(len(r["losses"]) == 3 and 0 <= r["test"]["accuracy"] <= 1 for r in results["runs"])
     assert (tmp_path / "losses.png").stat().st_size > 5000
-    assert main(["compare", "--methods", "nope", "--out", str(tmp_path)]) == 2
+    assert main(args) == 0 and "0 run(s) computed, 2 taken" in capsys.readouterr().out
+    assert main(["bench", "--methods", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown method(s) ['nope']" in capsys.readouterr().err

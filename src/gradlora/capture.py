@@ -56,7 +56,8 @@ class ExactAccumulator:
         self.target = target
         self.hits = 0
         m, n = target.shape
-        self.total = torch.zeros(m, n, dtype=torch.float32, device=target.weight.device)
+        dtype = torch.promote_types(target.weight.dtype, torch.float32)  # fp32, fp64 for fp64
+        self.total = torch.zeros(m, n, dtype=dtype, device=target.weight.device)
 
     def attach(self) -> list[RemovableHandle]:
         transposed = self.target.transposed

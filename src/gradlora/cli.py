@@ -1,4 +1,4 @@
-"""The ``gradlora`` command: fine-tune the bundled model with several methods and compare them."""
+"""The ``gradlora`` command: benchmark LoRA methods fairly, or fine-tune with one of them."""
 
 from __future__ import annotations
 
@@ -6,110 +6,350 @@ import argparse
 import sys
 import warnings
 
-from .compare import RECIPES, CompareConfig
+from .errors import GradLoraError
+from .methods import METHODS
+from .tasks import DATASETS, MODELS
+
+BENCH_EPILOG = """\
+examples:
+  # every method at its documented default rate, 100 steps (a quick look)
+  gradlora bench --methods lora,lora-ga,lora-one --steps 100 --no-sweep --out runs/quick
+
+  # the protocol: each method swept over its 3-rate grid with seed 0, best rate picked on the
+  # validation split, then seeds 1 and 2 at the best rate of lora and full only
+  gradlora bench --methods full,lora,lora-ga,lora-one --steps 150 --seeds 0,1,2 \\
+      --extra-seeds-for lora,full --out runs/minilm
+
+  # causal LM: SmolLM2-135M on Hamlet, your own grid for LoRA
+  gradlora bench --model smollm2 --data hamlet --batch-size 8 --max-length 128 \\
+      --methods lora,lora-ga --steps 60 --lrs lora=2e-4,5e-4,1e-3 --out runs/smollm2
+
+Re-running the same command resumes: every finished run is stored in OUT/runs/ under a hash of
+its settings and is not computed again; a changed setting (steps, batch, schedule, data, ...)
+computes new runs and ignores the old ones. Writes OUT/results.json, OUT/table.md and
+OUT/losses.png after every method.
+"""
+
+TRAIN_EPILOG = """\
+examples:
+  gradlora train --model minilm --data rotten-tomatoes --method lora-one --steps 300 --out runs/rt
+  gradlora train --model minilm --data reviews.csv --method lora-ga --out runs/reviews
+  gradlora train --model smollm2 --data notes.jsonl --method lora --lr 5e-4 --out runs/notes
+  gradlora train ... --save-every 50 --out runs/long    # then after an interruption:
+  gradlora train ... --save-every 50 --out runs/long --resume
+
+Data files: CSV, TSV, JSONL or JSON (a list of objects). With a label column (default "label")
+the task is classification; labels may be integers (class ids) or any strings ("pos"/"neg"),
+numbered in sorted order (the mapping is printed and saved). Without one, the text is used for
+causal language modelling. 10%% of the rows are held out as validation and 10%% as test.
+
+Output: OUT/adapter (a plain peft adapter; load it with PeftModel.from_pretrained on the
+ORIGINAL base model, also after LoRA-GA, PiSSA or peft's LoRA-GA) or OUT/model (full
+fine-tuning), OUT/train.json (settings, losses, validation and test metrics).
+"""
 
 
-def _lr_overrides(items: list[str]) -> dict[str, float]:
+def _methods_help() -> str:
+    return "; ".join(
+        f"{name}: {m.about} (lr {m.lr['classification']:g} / LM {m.lr['causal-lm']:g})"
+        for name, m in METHODS.items()
+    )
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _size(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _lr_grids(items: list[str]) -> dict[str, list[float]]:
     out = {}
     for item in items:
-        method, sep, value = item.partition("=")
-        if not sep or method not in RECIPES:
-            raise argparse.ArgumentTypeError(
-                f"--lr takes METHOD=VALUE with METHOD in {', '.join(RECIPES)}; got {item!r}"
+        method, sep, values = item.partition("=")
+        if not sep or method not in METHODS:
+            raise GradLoraError(
+                f"--lrs takes METHOD=LR[,LR...] with METHOD in {', '.join(METHODS)}; got {item!r}"
             )
-        out[method] = float(value)
+        try:
+            out[method] = _floats(values)
+        except ValueError:
+            raise GradLoraError(f"--lrs {item!r}: learning rates must be numbers") from None
+        if not out[method]:
+            raise GradLoraError(f"--lrs {item!r} gives no learning rate")
     return out
 
 
+def _check_methods(names: list[str]) -> None:
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise GradLoraError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+
+
+def _common(p: argparse.ArgumentParser, steps: int, batch: int | None, length: int | None) -> None:
+    p.add_argument(
+        "--model",
+        default="minilm",
+        help=f"built-in ({', '.join(MODELS)}) or a local Hugging Face model folder "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--data",
+        default="rotten-tomatoes",
+        help=f"built-in ({', '.join(DATASETS)}) or a CSV/TSV/JSONL/JSON file (default: %(default)s)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=steps, help="optimizer steps (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=batch,
+        help="examples per step (default: 32 for classification, 8 for causal LM)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=length,
+        help="tokens per example; hamlet is cut into chunks of this length "
+        "(default: 64 for classification, 128 for causal LM)",
+    )
+    p.add_argument("--rank", type=int, default=8, help="LoRA r (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
+    p.add_argument(
+        "--init-batches",
+        type=int,
+        default=8,
+        help="training batches the gradient inits average over (default: %(default)s)",
+    )
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW (default: %(default)s)")
+    p.add_argument(
+        "--schedule",
+        choices=["constant", "linear", "cosine"],
+        default="cosine",
+        help="learning-rate schedule after warmup (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup-steps", type=int, default=None, help="linear warmup (default: 3%% of the steps)"
+    )
+    p.add_argument(
+        "--val-size",
+        type=_size,
+        default=None,
+        help="held-out validation examples, a count or a fraction < 1 "
+        "(default: 500 for rotten-tomatoes, else 0.1)",
+    )
+    p.add_argument(
+        "--test-size",
+        type=_size,
+        default=None,
+        help="held-out test examples (default: 1000 for rotten-tomatoes, else 0.1)",
+    )
+    p.add_argument(
+        "--num-layers", type=int, default=None, help="keep only the first transformer blocks"
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradlora", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="gradlora",
+        description="Gradient-informed LoRA (LoRA-GA, LoRA-One, LoRA-Pro) on Hugging Face models. "
+        "`gradlora bench` compares fine-tuning methods fairly (same data, batches, seed; "
+        "each method at its own tuned learning rate); `gradlora train` fine-tunes with one "
+        "method and saves a plain peft adapter; `gradlora methods` lists the methods.",
+        epilog="Run `gradlora bench --help` or `gradlora train --help` for examples.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    cmp = sub.add_parser(
-        "compare",
-        help="fine-tune MiniLM on Rotten Tomatoes with each method; print a table, write a plot",
-        description="Methods: "
-        + "; ".join(f"{k}: {v.about} (lr {v.lr:g})" for k, v in RECIPES.items()),
+
+    b = sub.add_parser(
+        "bench",
+        help="compare methods: learning-rate sweep on validation, seeds, table and plot",
+        description="Benchmark fine-tuning methods with the same model, data order, batches, "
+        "dropout draws, schedule and seed; only the method and its learning rate differ.",
+        epilog=BENCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    d = CompareConfig()
-    cmp.add_argument(
-        "--methods", default=",".join(d.methods), help="comma-separated (default: %(default)s)"
+    _common(b, steps=150, batch=None, length=None)
+    b.add_argument(
+        "--methods",
+        default="lora,lora-ga,lora-one,lora-pro,full",
+        help="comma-separated, from `gradlora methods` (default: %(default)s)",
     )
-    cmp.add_argument(
-        "--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)"
-    )
-    cmp.add_argument("--batch-size", type=int, default=d.batch_size)
-    cmp.add_argument("--max-length", type=int, default=d.max_length)
-    cmp.add_argument("--rank", type=int, default=d.rank)
-    cmp.add_argument("--alpha", type=float, default=d.alpha)
-    cmp.add_argument(
-        "--lr",
+    b.add_argument(
+        "--lrs",
         action="append",
         default=[],
-        metavar="METHOD=VALUE",
-        help="learning rate of one method",
+        metavar="METHOD=LR,LR,...",
+        help="learning rates of one method, replacing its default grid (repeatable)",
     )
-    cmp.add_argument("--init-batches", type=int, default=d.init_batches)
-    cmp.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    cmp.add_argument("--schedule", choices=["constant", "linear", "cosine"], default=d.schedule)
-    cmp.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    cmp.add_argument(
-        "--num-layers", type=int, default=None, help="keep only the first MiniLM layers"
+    b.add_argument(
+        "--no-sweep",
+        action="store_true",
+        help="run each method at its documented default rate only (or its --lrs)",
     )
-    cmp.add_argument("--seed", type=int, default=d.seed)
-    cmp.add_argument("--test-size", type=int, default=d.test_size)
-    cmp.add_argument(
-        "--out", default="runs/compare", help="folder for results.json, table.md, losses.png"
+    b.add_argument(
+        "--seeds",
+        default="0",
+        help="comma-separated; the first is used for the sweep, the others only at each "
+        "method's best rate (default: %(default)s)",
     )
-    cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.add_argument(
+        "--extra-seeds-for",
+        default=None,
+        metavar="METHODS",
+        help="methods that get the extra seeds (default: all)",
+    )
+    b.add_argument(
+        "--select",
+        choices=["val-loss", "val-acc"],
+        default="val-loss",
+        help="how the best rate is picked on the validation split (default: %(default)s)",
+    )
+    b.add_argument("--out", default="runs/bench", help="output folder (default: %(default)s)")
+
+    t = sub.add_parser(
+        "train",
+        help="fine-tune with one method and save a plain peft adapter",
+        description="Fine-tune a model on data with one method; save the adapter (or model).",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(t, steps=200, batch=None, length=None)
+    t.add_argument(
+        "--method", default="lora-one", help="one of `gradlora methods` (default: %(default)s)"
+    )
+    t.add_argument("--lr", type=float, default=None, help="default: the method's documented rate")
+    t.add_argument("--seed", type=int, default=0, help="head init, data order, dropout")
+    t.add_argument("--text-column", default="text", help="(default: %(default)s)")
+    t.add_argument(
+        "--label-column",
+        default=None,
+        help='column of classification labels (default: "label" if the file has one, '
+        "else the task is causal LM); naming a column makes it required",
+    )
+    t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists"
+    )
+    t.add_argument("--out", required=True, help="output folder")
+
+    sub.add_parser("methods", help="list the methods with their learning rates and grids")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # peft asks transformers a deprecated question on every model; not the user's concern
-    warnings.filterwarnings(
-        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
-    )
-    from .compare import format_table, run_comparison, save_results
+def _defaults_for(args, kind: str) -> None:
+    if args.batch_size is None:
+        args.batch_size = 32 if kind == "classification" else 8
+    if args.max_length is None:
+        args.max_length = 64 if kind == "classification" else 128
 
+
+def _guess_kind(data: str, text_column: str = "text", label_column: str = "label") -> str:
+    """Batch size and length defaults are needed before the data is read: guess from the name."""
+    if data == "hamlet":
+        return "causal-lm"
+    if data == "rotten-tomatoes":
+        return "classification"
+    from pathlib import Path
+
+    from .tasks import read_data_file
+
+    path = Path(data).expanduser()
+    if not path.exists():
+        return "classification"  # load_task reports the missing file
+    data_, _ = read_data_file(path, text_column, label_column)
+    return "classification" if data_.labels is not None else "causal-lm"
+
+
+def _bench(args) -> int:
+    from .bench import BenchConfig, format_table, run_bench
+
+    methods = _names(args.methods)
+    _check_methods(methods)
+    extra = None if args.extra_seeds_for is None else _names(args.extra_seeds_for)
+    if extra is not None:
+        _check_methods(extra)
     try:
-        lrs = _lr_overrides(args.lr)
-    except argparse.ArgumentTypeError as err:
-        print(f"gradlora: error: {err}", file=sys.stderr)
-        return 2
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in RECIPES]
-    if unknown or not methods:
-        print(
-            f"gradlora: error: unknown method(s) {unknown}; choose from {', '.join(RECIPES)}",
-            file=sys.stderr,
-        )
-        return 2
-    cfg = CompareConfig(
+        seeds = _ints(args.seeds)
+    except ValueError:
+        raise GradLoraError(f"--seeds takes integers like 0,1,2; got {args.seeds!r}") from None
+    _defaults_for(args, _guess_kind(args.data))
+    cfg = BenchConfig(
+        model=args.model,
+        data=args.data,
         methods=methods,
         steps=args.steps,
         batch_size=args.batch_size,
         max_length=args.max_length,
         rank=args.rank,
         alpha=args.alpha,
-        lrs=lrs,
+        lrs=_lr_grids(args.lrs),
+        sweep=not args.no_sweep,
+        seeds=seeds,
+        extra_seeds_for=extra,
         init_batches=args.init_batches,
         weight_decay=args.weight_decay,
         schedule=args.schedule,
         warmup_steps=args.warmup_steps,
-        num_layers=args.num_layers,
-        seed=args.seed,
+        val_size=args.val_size,
         test_size=args.test_size,
+        num_layers=args.num_layers,
+        select=args.select,
+        device=args.device,
         progress=not args.no_progress,
     )
-    results = run_comparison(cfg)
-    paths = save_results(results, args.out)
+    results, bench = run_bench(cfg, args.out)
     print(format_table(results))
-    for r in results["runs"]:
-        if r["init"]:
-            print(f"{r['method']}: {r['init']}")
-    print(f"wrote {paths['json']}, {paths['table']}, {paths['plot']}")
+    print(
+        f"\n{bench.computed} run(s) computed, {len(bench.runs) - bench.computed} taken from "
+        f"{args.out}/runs; wrote {args.out}/results.json, table.md, losses.png"
+    )
+    return 1 if bench.failed else 0
+
+
+def _list_methods() -> int:
+    for name, m in METHODS.items():
+        print(f"{name:18s} {m.about}")
+        for kind in ("classification", "causal-lm"):
+            grid = ", ".join(f"{v:g}" for v in m.grid[kind])
+            print(f"{'':18s}   {kind}: lr {m.lr[kind]:g}, grid {grid}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # peft asks transformers a deprecated question on every model; not the user's concern
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+    try:
+        if args.command == "bench":
+            return _bench(args)
+        if args.command == "train":
+            from .finetune import main_train
+
+            _check_methods([args.method])
+            return main_train(args, _defaults_for, _guess_kind)
+        return _list_methods()
+    except GradLoraError as err:
+        print(f"gradlora: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gradlora: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

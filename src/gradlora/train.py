@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,14 +53,29 @@ def train(
     scheduler: Any = None,
     progress: bool = True,
     desc: str = "train",
+    start_step: int = 0,
+    losses: Sequence[float] = (),
+    on_step: Callable[[int, TrainResult], None] | None = None,
 ) -> TrainResult:
-    """One optimizer step per batch on ``model(**batch).loss``; stops at a non-finite loss."""
-    result = TrainResult()
+    """One optimizer step per batch on ``model(**batch).loss``; stops at a non-finite loss.
+
+    To resume, pass ``start_step`` (steps already taken: batches[:start_step] are skipped) and
+    the ``losses`` of those steps, with model, optimizer, scheduler and RNG restored.
+    ``on_step(steps_done, result)`` runs after every step (checkpoints).
+    """
+    result = TrainResult(losses=list(losses))
     device = _device(model)
     model.train()
     start = time.perf_counter()
-    bar = tqdm(batches, desc=desc, unit="step", disable=not progress)
-    for step, batch in enumerate(bar):
+    bar = tqdm(
+        batches[start_step:],
+        desc=desc,
+        unit="step",
+        disable=not progress,
+        initial=start_step,
+        total=len(batches),
+    )
+    for step, batch in enumerate(bar, start=start_step):
         optimizer.zero_grad(set_to_none=True)
         loss = model(**move_to(batch, device)).loss
         value = loss.item()
@@ -74,6 +89,8 @@ def train(
         result.losses.append(value)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{value:.4f}")
+        if on_step is not None:
+            on_step(step + 1, result)
     optimizer.zero_grad(set_to_none=True)
     result.seconds = time.perf_counter() - start
     return result
