@@ -9,11 +9,12 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as dist_
 from .capture import LossFn, capture
 from .errors import GradLoraError
 from .inits import check_rank, init_from_gradient, make_method
 from .meter import PhaseCost, measure
-from .peft_bridge import find_targets, write_factors
+from .peft_bridge import check_trainable, find_targets, write_factors
 
 
 @dataclass
@@ -54,6 +55,8 @@ def initialize(
     num_batches: int = 8,
     loss_fn: LossFn | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
+    process_group: Any = None,
     **options: Any,
 ) -> InitReport:
     """Initialize the active LoRA adapter of ``model`` in place from the gradient on ``batches``.
@@ -68,9 +71,19 @@ def initialize(
     Every check runs before anything is written, and the write is all-or-nothing: on any error
     the model is exactly as it was. Returns an InitReport (singular values per layer, time and
     peak memory of capture and SVD).
+
+    Data-parallel (torchrun, accelerate): with ``distributed=None`` (default) and
+    torch.distributed initialized with several ranks, this is a collective: call it on every
+    rank with that rank's batches; G is averaged over all ranks' batches and every rank ends
+    with bit-identical A, B and W (see gradlora.distributed). ``distributed=False`` makes it a
+    per-process init; ``process_group`` restricts the reduction to a group. A model wrapped in
+    DistributedDataParallel is initialized through its ``.module``.
     """
     spec = make_method(method, **options)
+    model = dist_.unwrap_model(model)
+    sync = dist_.resolve(distributed, process_group)
     targets = find_targets(model)
+    check_trainable(targets)
     for t in targets:
         check_rank(spec, t.rank, t.shape, t.name)
     done = [t.name for t in targets if t.init_factors() is not None]
@@ -85,7 +98,13 @@ def initialize(
 
     with measure(device) as capture_cost:
         accs, used = capture(
-            model, targets, batches, num_batches=num_batches, loss_fn=loss_fn, progress=progress
+            model,
+            targets,
+            batches,
+            num_batches=num_batches,
+            loss_fn=loss_fn,
+            progress=progress,
+            reduce=dist_.make_reduce(process_group) if sync else None,
         )
 
     factors, layers = {}, {}
@@ -101,6 +120,8 @@ def initialize(
             layers[name] = LayerReport(shape=t.shape, rank=t.rank, singular_values=S.tolist())
 
     write_factors(targets, factors, offset_base=spec.offsets_base)
+    if sync:
+        dist_.synchronize_targets(targets, process_group)
     return InitReport(
         method=spec.name,
         options=asdict(spec),

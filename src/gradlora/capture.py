@@ -202,7 +202,15 @@ def capture(
                 disable=not progress,
             )
             for index, batch in enumerate(bar):
-                batch_loss(model, move_to(batch, device), loss_fn, index).backward()
+                try:
+                    batch_loss(model, move_to(batch, device), loss_fn, index).backward()
+                except Exception as e:
+                    if not isinstance(e, GradLoraError):
+                        e.add_note(
+                            f"gradlora: raised while computing the gradient of batch {index}"
+                        )
+                    raise
+                _check_finite_after(accs, index)
                 used += 1
         finally:
             for h in handles:
@@ -221,6 +229,19 @@ def capture(
         warnings.warn(f"batches ran out after {used} of num_batches={num_batches}", stacklevel=3)
     _check_accumulators(accs)
     return accs, used
+
+
+def _check_finite_after(accs: Mapping[str, Accumulator], index: int) -> None:
+    """Raise, naming batch ``index``, if its backward made an accumulator non-finite although
+    its loss was finite (an overflow in backward). One fp64 sum per state tensor and one sync."""
+    sums = [s.sum(dtype=torch.float64) for acc in accs.values() for s in acc.state()]
+    if not sums or torch.isfinite(torch.stack(sums)).all().item():
+        return
+    bad = next(n for n, a in accs.items() if not all(torch.isfinite(s).all() for s in a.state()))
+    raise GradLoraError(
+        f"batch {index}: the loss is finite but the gradient of layer {bad!r} has NaN/inf "
+        "entries (an overflow in backward); check that batch and use bf16 or fp32 rather than fp16"
+    )
 
 
 def _check_accumulators(accs: Mapping[str, Accumulator]) -> None:

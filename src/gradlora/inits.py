@@ -137,6 +137,11 @@ def init_from_gradient(
     U, S, V = top_svd(
         G, method.svd_rank(r), method=method.svd, niter=method.svd_niter, seed=method.seed
     )
+    if not S[0] > 0:  # also false for NaN
+        raise GradLoraError(
+            f"the gradient matrix has largest singular value {S[0].item()}: it is zero or not "
+            "finite, so it gives no direction to initialize from; check the loss and the data"
+        )
     A0, B0 = method.factors(U, S, V, r)
     return A0, B0, S
 

@@ -20,15 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, NoMatchingPeftModuleError, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from . import inits
+from .distributed import unwrap_model
 from .errors import GradLoraError
 
 WEIGHT0 = "gradlora_weight0"  # buffer name of the init factors A0 / B0 on lora_A / lora_B
@@ -106,8 +108,10 @@ def active_adapter(model: nn.Module) -> str:
 def find_targets(model: nn.Module) -> list[LoraTarget]:
     """Every LoRA layer of the active adapter, with its base-model name; errors name the fix.
 
-    Accepts a PeftModel or any module into which peft injected LoRA layers.
+    Accepts a PeftModel or any module into which peft injected LoRA layers, also wrapped in
+    DistributedDataParallel (the wrapper is looked through).
     """
+    model = unwrap_model(model)
     if isinstance(model, PeftModel) and not isinstance(
         model.peft_config.get(model.active_adapter), LoraConfig
     ):
@@ -136,6 +140,17 @@ def find_targets(model: nn.Module) -> list[LoraTarget]:
     if not targets:
         raise GradLoraError(f"no LoRA layer belongs to the active adapter {adapter!r}")
     return targets
+
+
+def check_trainable(targets: list[LoraTarget]) -> None:
+    """Refuse an adapter whose LoRA weights are all frozen: its init would never be trained."""
+    if targets and not any(t.A.requires_grad or t.B.requires_grad for t in targets):
+        raise GradLoraError(
+            f"no LoRA weight of adapter {targets[0].adapter!r} is trainable (requires_grad=False "
+            "everywhere, e.g. PeftModel.from_pretrained without is_trainable=True, or "
+            "LoraConfig(inference_mode=True)); load it with is_trainable=True or call "
+            "requires_grad_(True) on the lora_A / lora_B weights before initializing"
+        )
 
 
 def _check_supported(module_name: str, layer: LoraLayer, adapter: str) -> None:
@@ -244,6 +259,7 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
     as it is. Files are written to a temporary folder and moved into ``path`` when complete.
     Returns the folder.
     """
+    model = unwrap_model(model)
     if not isinstance(model, PeftModel):
         raise GradLoraError(
             "save_adapter needs a peft.PeftModel (it writes the adapter's LoraConfig)"
@@ -321,22 +337,107 @@ def load_adapter(
 
     A converted (rank-2r) adapter is split back into the rank-r trainable A, B and the frozen
     A0, B0, and the base weight is offset again (W' = W - s B0 A0), so training resumes exactly
-    where it stopped. Any other adapter is loaded with ``PeftModel.from_pretrained``.
+    where it stopped. Any other adapter (gradlora's unconverted ones, or a plain peft adapter
+    without gradlora's sidecar) is loaded as it is with ``PeftModel.from_pretrained``.
+    A missing, truncated or foreign checkpoint raises GradLoraError and leaves ``base_model``
+    exactly as it was (no LoRA layers injected, flags and modes restored).
     """
     path = Path(path)
-    sidecar_path = path / SIDECAR
-    sidecar = (
-        json.loads(sidecar_path.read_text()) if sidecar_path.exists() else {"converted": False}
-    )
-    if not sidecar.get("converted"):
-        return PeftModel.from_pretrained(
-            base_model, str(path), adapter_name=adapter_name, is_trainable=is_trainable
-        )
+    sidecar = _read_sidecar(path)
+    weights_file = path / "adapter_model.safetensors"
+    saved = _read_weights(weights_file) if weights_file.exists() else None
+    with _restored_on_error(base_model, path):
+        if not sidecar.get("converted"):
+            return PeftModel.from_pretrained(
+                base_model, str(path), adapter_name=adapter_name, is_trainable=is_trainable
+            )
+        if saved is None:
+            raise GradLoraError(f"adapter at {path} has no adapter_model.safetensors")
+        return _load_converted(base_model, path, saved, adapter_name, is_trainable)
 
+
+def _read_sidecar(path: Path) -> dict:
+    if not (path / "adapter_config.json").is_file():
+        raise GradLoraError(
+            f"no adapter at {path}: adapter_config.json is missing; pass the folder written by "
+            "gradlora.save_adapter (or peft's save_pretrained)"
+        )
+    sidecar_path = path / SIDECAR
+    if not sidecar_path.exists():
+        return {"converted": False}  # a plain peft adapter: loaded as it is
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GradLoraError(
+            f"{sidecar_path} is not valid JSON ({e}); save the adapter again with "
+            "gradlora.save_adapter"
+        ) from e
+    if not isinstance(sidecar, dict) or sidecar.get("format") != 1:
+        raise GradLoraError(
+            f"{sidecar_path} has format {sidecar.get('format') if isinstance(sidecar, dict) else sidecar!r}; "
+            "this gradlora reads format 1: upgrade gradlora or save the adapter again"
+        )
+    return sidecar
+
+
+def _read_weights(file: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+        raise GradLoraError(
+            f"cannot read {file} ({type(e).__name__}: {e}); the file is truncated or not a "
+            "safetensors file: copy it again or save the adapter again"
+        ) from e
+
+
+@contextlib.contextmanager
+def _restored_on_error(base_model: nn.Module, path: Path):
+    """On any error, take injected LoRA layers out of ``base_model`` again and restore its
+    requires_grad flags and train/eval modes; peft's own errors become GradLoraError."""
+    flags = [(p, p.requires_grad) for p in base_model.parameters()]
+    modes = [(m, m.training) for m in base_model.modules()]
+    had_config = hasattr(base_model, "peft_config")
+    try:
+        yield
+    except BaseException as e:
+        _remove_tuner_layers(base_model)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, flag in modes:
+            m.training = flag
+        if not had_config and hasattr(base_model, "peft_config"):
+            del base_model.peft_config
+        if isinstance(e, NoMatchingPeftModuleError) or (
+            isinstance(e, RuntimeError) and "size mismatch" in str(e)
+        ):
+            raise GradLoraError(
+                f"adapter at {path} does not fit this model ({str(e).strip()[:300]}); load it on "
+                "the base model it was trained on"
+            ) from e
+        raise
+
+
+def _remove_tuner_layers(model: nn.Module) -> None:
+    """Put each peft tuner layer's original base layer back in its parent module."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer) and name:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            if getattr(parent, child, None) is module:
+                setattr(parent, child, module.get_base_layer())
+
+
+def _load_converted(
+    base_model: nn.Module,
+    path: Path,
+    saved: dict[str, Tensor],
+    adapter_name: str,
+    is_trainable: bool,
+) -> PeftModel:
+    """The converted (rank-2r) adapter split back into rank-r A, B plus the offset A0, B0."""
     saved_config = LoraConfig.from_pretrained(str(path))
     config = _resize_config(saved_config, 0.5, 1 / _alpha_factor(saved_config))
     config.inference_mode = not is_trainable
-    saved = load_file(str(path / "adapter_model.safetensors"))
     model = get_peft_model(base_model, config, adapter_name=adapter_name)
     targets = find_targets(model)
     state, factors = split_converted(saved, targets, path)

@@ -24,35 +24,46 @@ def _solve_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def damped_inverse(grams: Tensor, damping: float) -> Tensor:
+    """(G + λI)^-1 for symmetric PSD G (..., r, r), through G's eigendecomposition with its
+    eigenvalues clamped at 0, so every eigenvalue of the result is in (0, 1/λ].
+
+    A plain solve fails when G + λI is singular in floating point: in fp32 a λ below the
+    rounding of G's diagonal (entries above about λ/eps, e.g. |B|^2 >= 17 at λ = 1e-6) is lost,
+    and an (exactly or numerically) rank-deficient B then gives a singular system and an error
+    mid-training. Here λ is added after the eigendecomposition and is never lost.
+    """
+    lam, P = torch.linalg.eigh(grams)
+    return (P / (lam.clamp_min(0) + damping).unsqueeze(-2)) @ P.mT
+
+
 def precondition(
     g_A: Tensor | None, g_B: Tensor | None, A: Tensor, B: Tensor, damping: float
 ) -> tuple[Tensor | None, Tensor | None]:
     """(ĝ_A, ĝ_B) = ((B^T B + λI)^-1 g_A, g_B (A A^T + λI)^-1), in at least fp32.
 
-    A (r, n), B (m, r), g_A like A, g_B like B (either may be None). The r x r systems are
-    solved, never inverted; λ > 0 keeps them finite when B = 0 (vanilla LoRA's init).
+    A (r, n), B (m, r), g_A like A, g_B like B (either may be None). The r x r inverses come
+    from ``damped_inverse``: finite for any λ > 0, also for B = 0 (vanilla LoRA's init) and for
+    rank-deficient B or A.
     """
     dtype = _solve_dtype(A)
-    r = A.shape[0]
-    eye = torch.eye(r, dtype=dtype, device=A.device)
     out_A = out_B = None
     if g_A is not None:
         Bf = B.detach().to(dtype)
-        out_A = torch.linalg.solve(Bf.T @ Bf + damping * eye, g_A.to(dtype))
+        out_A = damped_inverse(Bf.T @ Bf, damping) @ g_A.to(dtype)
     if g_B is not None:
         Af = A.detach().to(dtype)
-        out_B = torch.linalg.solve(Af @ Af.T + damping * eye, g_B.to(dtype), left=False)
+        out_B = g_B.to(dtype) @ damped_inverse(Af @ Af.T, damping)
     return out_A, out_B
 
 
 def gram_inverses(mats: list[Tensor], left: bool, damping: float) -> Tensor:
     """(L, r, r) stack of (MᵀM + λI)⁻¹ (left=True, M = B (m, r)) or (MMᵀ + λI)⁻¹ (M = A (r, n)),
-    one batched solve for all L matrices of equal rank r, in at least fp32."""
+    one batched ``damped_inverse`` for all L matrices of equal rank r, in at least fp32."""
     dtype = _solve_dtype(mats[0])
     Ms = [M.detach().to(dtype) for M in mats]
     grams = torch.stack([M.T @ M if left else M @ M.T for M in Ms])
-    eye = torch.eye(grams.shape[-1], dtype=dtype, device=grams.device)
-    return torch.linalg.solve(grams + damping * eye, eye.expand_as(grams))
+    return damped_inverse(grams, damping)
 
 
 class PreconditionedAdamW(Optimizer):
