@@ -1,18 +1,32 @@
-"""Cost of the gradient init on the real MiniLM: time and peak memory, each case in a fresh process.
+"""Cost of the gradient init: time and peak memory, each case in a fresh process; sketch quality.
 
-Cases (N batches of B examples, max length 64, Rotten Tomatoes, MiniLM with LoRA r=8 on
-query/key/value/intermediate.dense/output.dense):
+Models (LoRA r=8, alpha=16, no dropout):
+  minilm  the real all-MiniLM-L6-v2 classifier, Rotten Tomatoes batches of B, max length 64,
+          targets query/key/value/intermediate.dense/output.dense
+  llama   a synthetic wide Llama from LlamaConfig (hidden 1024, intermediate 2816, 16 heads,
+          --llama-layers layers, vocab 2048, random weights), random token batches of B x
+          --llama-seq, causal LM loss, all 7 projections targeted
+
+Cases (N = --batches batches):
   lora_passes     N plain forward+backward passes of the LoRA model (the floor)
-  full_passes     N forward+backward passes with every weight trainable (grads held)
-  gradlora_ga     gradlora.initialize(method="lora-ga"): capture, then SVD
-  gradlora_one    gradlora.initialize(method="lora-one")
+  lora_step       one plain LoRA training step on the first batch (forward, backward, AdamW)
+  gradlora_exact  gradlora.initialize(method="lora-ga", gradient="exact")
+  gradlora_sketch gradlora.initialize(method="lora-ga", gradient="sketch") at its defaults
   peft_loraga     peft 0.21's preprocess_loraga + get_peft_model(init_lora_weights="lora_ga")
+  (full_passes and gradlora_one: as before, with --cases)
 
-Memory is the process's RSS high-water mark (reset before the case starts) minus the RSS
-when it started, on CPU; CUDA's max_memory_allocated on a GPU.
+Memory: ``peak`` is the process's RSS high-water mark during the case (reset at its start) on
+CPU, CUDA's max_memory_allocated on a GPU; ``increase`` is peak minus what was in use when
+the case started (the model and batches are loaded before).
 
-    python benchmarks/init_cost.py [--batches 8] [--batch-size 32] [--repeats 3] [--device cpu]
-writes benchmarks/results/init_cost.json and prints a Markdown table.
+Quality (--quality, MiniLM only, one process): G exact per layer from the N batches, then for
+each number of sketch passes the fraction of G's top-2r spectral energy that the sketch's
+subspaces capture, E = ||U^T G V||_F^2 / sum_{i<=2r} sigma_i(G)^2 (``spectral.captured_energy``,
+``both``; 1 = the exact top-2r subspaces), min and median over layers; also the one-sided
+||U^T G||_F^2 / sum sigma_i^2.
+
+    python benchmarks/init_cost.py [--models minilm llama] [--batches 8] [--repeats 3] [--quick]
+writes benchmarks/results/init_cost.json and init_cost.md (Markdown tables).
 """
 
 from __future__ import annotations
@@ -23,43 +37,82 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CASES = ["lora_passes", "full_passes", "gradlora_ga", "gradlora_one", "peft_loraga"]
+CASES = ["lora_passes", "lora_step", "gradlora_exact", "gradlora_sketch", "peft_loraga"]
+EXTRA_CASES = ["full_passes", "gradlora_one"]
 RESULTS = Path(__file__).parent / "results"
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def run_case(case: str, batches_n: int, batch_size: int, device: str) -> dict:
+def build(model_name: str, args, device):
+    """(base model, LoraConfig factory, batches) on ``device``; same weights and data every call."""
+    import torch
+    from peft import LoraConfig
+
+    from gradlora.capture import move_to
+
+    if model_name == "minilm":
+        from gradlora.bundled import (
+            load_minilm_classifier,
+            load_rotten_tomatoes,
+            make_batches,
+            minilm_lora_config,
+        )
+
+        model, tok = load_minilm_classifier()
+        train, _ = load_rotten_tomatoes()
+        batches = make_batches(tok, train, args.batch_size, 64, args.batches)
+        config = minilm_lora_config
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=2048,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=args.llama_layers,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            max_position_embeddings=max(512, args.llama_seq),
+        )
+        model = LlamaForCausalLM(cfg)
+        gen = torch.Generator().manual_seed(1)
+        batches = []
+        for _ in range(args.batches):
+            ids = torch.randint(
+                0, cfg.vocab_size, (args.llama_batch, args.llama_seq), generator=gen
+            )
+            batches.append({"input_ids": ids, "labels": ids.clone()})
+
+        def config(**overrides):
+            kw = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LLAMA_TARGETS)
+            return LoraConfig(task_type="CAUSAL_LM", **(kw | overrides))
+
+    return model.to(device), config, [move_to(b, device) for b in batches]
+
+
+def run_case(model_name: str, case: str, args) -> dict:
     import torch
     from peft import get_peft_model
 
     import gradlora
-    from gradlora.bundled import (
-        load_minilm_classifier,
-        load_rotten_tomatoes,
-        make_batches,
-        minilm_lora_config,
-    )
-    from gradlora.capture import move_to
     from gradlora.meter import measure
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    dev = torch.device(device)
-    model, tok = load_minilm_classifier()
-    model.to(dev)
-    train, _ = load_rotten_tomatoes()
-    batches = [move_to(b, dev) for b in make_batches(tok, train, batch_size, 64, batches_n)]
-    out = {"case": case}
+    dev = torch.device(args.device)
+    model, make_config, batches = build(model_name, args, dev)
+    out = {"model": model_name, "case": case}
 
     if case == "peft_loraga":
         from peft import LoraGAConfig
         from peft.tuners.lora.loraga import preprocess_loraga
 
-        config = minilm_lora_config(init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+        config = make_config(init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
 
         def train_step():
             for b in batches:
@@ -67,108 +120,217 @@ def run_case(case: str, batches_n: int, batch_size: int, device: str) -> dict:
 
         with measure(dev) as cost:
             preprocess_loraga(model, config, train_step)
-            t_mid = time.perf_counter()
             get_peft_model(model, config)
-        out.update(seconds=cost.seconds, svd_seconds=time.perf_counter() - t_mid)
     else:
-        model = get_peft_model(model, minilm_lora_config())
+        torch.manual_seed(1)
+        model = get_peft_model(model, make_config())
+        model.train()
         if case in ("lora_passes", "full_passes"):
             if case == "full_passes":
                 for p in model.parameters():
                     p.requires_grad_(True)
-            model.train()
             with measure(dev) as cost:
                 for b in batches:
                     model(**b).loss.backward()
-            out.update(seconds=cost.seconds)
+        elif case == "lora_step":
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            with measure(dev) as cost:
+                model(**batches[0]).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         else:
-            method = "lora-ga" if case == "gradlora_ga" else "lora-one"
+            method = "lora-one" if case == "gradlora_one" else "lora-ga"
+            gradient = "sketch" if case == "gradlora_sketch" else "exact"
             with measure(dev) as cost:
                 rep = gradlora.initialize(
-                    model, batches, method=method, num_batches=batches_n, progress=False
+                    model,
+                    batches,
+                    method=method,
+                    num_batches=len(batches),
+                    progress=False,
+                    gradient=gradient,
                 )
             out.update(
-                seconds=cost.seconds,
                 capture_seconds=rep.capture.seconds,
                 svd_seconds=rep.svd.seconds,
-                capture_increase_bytes=rep.capture.increase_bytes,
+                gradient=rep.gradient,
+                gradient_options=rep.gradient_options,
             )
-    out.update(peak_bytes=cost.peak_bytes, increase_bytes=cost.increase_bytes, metric=cost.metric)
+    out.update(
+        seconds=cost.seconds,
+        peak_bytes=cost.peak_bytes,
+        increase_bytes=cost.increase_bytes,
+        metric=cost.metric,
+    )
     return out
+
+
+def run_quality(args, passes_list=(1, 2, 3)) -> dict:
+    """Captured top-2r energy of the sketch on real MiniLM gradients (see the module docstring)."""
+    import torch
+    from peft import get_peft_model
+
+    import gradlora
+    from gradlora.peft_bridge import find_targets
+    from gradlora.sketch import sketch_svds
+    from gradlora.spectral import captured_energy
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    dev = torch.device(args.device)
+    base, make_config, batches = build("minilm", args, dev)
+    torch.manual_seed(1)
+    model = get_peft_model(base, make_config())
+    G = gradlora.estimate_gradients(model, batches, num_batches=len(batches), progress=False)
+    targets = find_targets(model)
+    ranks = {t.name: 2 * t.rank for t in targets}
+    out = {}
+    for passes in passes_list:
+        sketches, _ = sketch_svds(
+            model, targets, batches, ranks, num_batches=len(batches), progress=False, passes=passes
+        )
+        left, both = [], []
+        for t in targets:
+            U, _, V = sketches[t.name].svd()
+            e_left, e_both = captured_energy(G[t.name], U, V)
+            left.append(e_left)
+            both.append(e_both)
+        out[str(passes)] = {
+            "min": min(both),
+            "median": statistics.median(both),
+            "left_min": min(left),
+            "left_median": statistics.median(left),
+            "layers": len(both),
+        }
+        print(f"quality passes={passes}: {out[str(passes)]}", file=sys.stderr)
+    return out
+
+
+def _child(model: str, case: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", model, case] + args.forward
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{model}/{case} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _table(model: str, summary: dict, args) -> list[str]:
+    mib = 2**20
+    floor, step = summary.get("lora_passes"), summary.get("lora_step")
+    lines = [
+        f"**{model}**: {args.batches} batches, {args.device}, median of {args.repeats} fresh "
+        f"process(es){' (--quick: preliminary)' if args.quick else ''}",
+        "",
+        "| case | total s | capture s | SVD s | x floor time | peak MiB | x LoRA-step peak "
+        "| increase MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def fmt(v, spec=".2f"):
+        return "-" if v is None else format(v, spec)
+
+    for case, s in summary.items():
+        time_ratio = s["seconds"] / floor["seconds"] if floor else None
+        mem_ratio = s["peak_bytes"] / step["peak_bytes"] if step else None
+        lines.append(
+            f"| {case} | {fmt(s['seconds'])} | {fmt(s.get('capture_seconds'))} | "
+            f"{fmt(s.get('svd_seconds'))} | {fmt(time_ratio)} | {s['peak_bytes'] / mib:.0f} | "
+            f"{fmt(mem_ratio)} | {s['increase_bytes'] / mib:.0f} |"
+        )
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--models", nargs="+", default=["minilm", "llama"])
+    parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES + EXTRA_CASES)
     parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="MiniLM batch size")
+    parser.add_argument("--llama-layers", type=int, default=8)
+    parser.add_argument("--llama-batch", type=int, default=4)
+    parser.add_argument("--llama-seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--no-quality", dest="quality", action="store_false")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one repeat, MiniLM batch 8, a 2-layer Llama at batch 1 x 128: checks the script, "
+        "rough numbers only",
+    )
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--quality-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS / "init_cost.json"))
     args = parser.parse_args()
-    if args.case:  # child process: one measurement, one JSON line
-        print(json.dumps(run_case(args.case, args.batches, args.batch_size, args.device)))
+    if args.quick:
+        args.repeats, args.batch_size = 1, 8
+        args.llama_layers, args.llama_batch, args.llama_seq = 2, 1, 128
+    if args.child:  # child process: one measurement, one JSON line
+        print(json.dumps(run_case(*args.child, args)))
         return
+    if args.quality_only:
+        print(json.dumps(run_quality(args)))
+        return
+    args.forward = [
+        f"--{k.replace('_', '-')}={getattr(args, k)}"
+        for k in ("batches", "batch_size", "llama_layers", "llama_batch", "llama_seq", "device")
+    ]
 
-    rows = {case: [] for case in CASES}
+    runs = {m: {c: [] for c in args.cases} for m in args.models}
     for rep in range(args.repeats):
-        for case in CASES:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--case",
-                case,
-                "--batches",
-                str(args.batches),
-                "--batch-size",
-                str(args.batch_size),
-                "--device",
-                args.device,
-            ]
-            line = (
-                subprocess.run(cmd, check=True, capture_output=True, text=True)
-                .stdout.strip()
-                .splitlines()[-1]
-            )
-            rows[case].append(json.loads(line))
-            print(
-                f"repeat {rep + 1}/{args.repeats} {case}: {rows[case][-1]['seconds']:.2f} s",
-                file=sys.stderr,
-            )
+        for model in args.models:
+            for case in args.cases:
+                row = _child(model, case, args)
+                runs[model][case].append(row)
+                print(
+                    f"repeat {rep + 1}/{args.repeats} {model} {case}: {row['seconds']:.2f} s, "
+                    f"peak {row['peak_bytes'] / 2**20:.0f} MiB",
+                    file=sys.stderr,
+                )
 
-    def med(case, key):
-        vals = [r[key] for r in rows[case] if key in r]
+    def med(rows, key):
+        vals = [r[key] for r in rows if key in r]
         return statistics.median(vals) if vals else None
 
+    keys = ("seconds", "capture_seconds", "svd_seconds", "increase_bytes", "peak_bytes")
     summary = {
-        case: {
-            k: med(case, k)
-            for k in ("seconds", "capture_seconds", "svd_seconds", "increase_bytes", "peak_bytes")
-        }
-        for case in CASES
+        m: {c: {k: med(rows, k) for k in keys} for c, rows in cases.items()}
+        for m, cases in runs.items()
     }
-    floor = summary["lora_passes"]
-    lines = [
-        f"MiniLM (6 layers), {args.batches} batches x {args.batch_size}, max length 64, {args.device}, "
-        f"median of {args.repeats} fresh processes",
-        "",
-        "| case | total s | capture s | SVD s | x floor time | memory increase MiB | x floor memory |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for case, s in summary.items():
-        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        lines.append(
-            f"| {case} | {fmt(s['seconds'])} | {fmt(s['capture_seconds'])} | {fmt(s['svd_seconds'])} | "
-            f"{s['seconds'] / floor['seconds']:.2f} | {s['increase_bytes'] / 2**20:.0f} | "
-            f"{s['increase_bytes'] / max(floor['increase_bytes'], 1):.2f} |"
-        )
+    lines = []
+    for model in args.models:
+        lines += _table(model, summary[model], args) + [""]
+    quality = None
+    if args.quality and "minilm" in args.models:
+        cmd = [sys.executable, __file__, "--quality-only"] + args.forward
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        quality = json.loads(done.stdout.strip().splitlines()[-1])
+        lines += [
+            "**sketch quality** (MiniLM, real gradients): captured top-2r energy "
+            "||U^T G V||^2 / sum_{i<=2r} sigma_i^2 (one-sided ||U^T G||^2 in brackets)",
+            "",
+            "| sketch passes | min | median |",
+            "|---|---|---|",
+        ]
+        for passes, q in quality.items():
+            lines.append(
+                f"| {passes} | {q['min']:.4f} ({q['left_min']:.4f}) | "
+                f"{q['median']:.4f} ({q['left_median']:.4f}) |"
+            )
     table = "\n".join(lines)
     print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    payload = {"args": vars(args), "summary": summary, "runs": rows, "table": table}
-    Path(args.out).write_text(json.dumps(payload, indent=1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("child", "forward")},
+        "summary": summary,
+        "quality": quality,
+        "runs": runs,
+        "table": table,
+    }
+    out.write_text(json.dumps(payload, indent=1))
+    out.with_suffix(".md").write_text(table + "\n")
 
 
 if __name__ == "__main__":

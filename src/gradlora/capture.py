@@ -3,9 +3,11 @@
 G = mean over N batches of dL_b/dW for every LoRA-targeted base weight W (m, n), in fp32.
 The engine (``capture``) runs forward/backward passes with only the target weights requiring
 grad and the LoRA branches bypassed, and hands each layer's signal to a per-layer accumulator:
-the one seam where other estimators (a sketch fed from module hooks) and a cross-rank
-reduction plug in. ``ExactAccumulator`` keeps an fp32 (m, n) sum, filled by a
-post-accumulate-grad hook that frees ``.grad`` at once, so one weight gradient is live at a time.
+the one seam where other estimators and a cross-rank reduction plug in.
+``ExactAccumulator`` keeps an fp32 (m, n) sum, filled by a post-accumulate-grad hook that frees
+``.grad`` at once, so one weight gradient is live at a time. ``SketchAccumulator`` never forms G:
+module hooks capture each layer's input x and output gradient delta = dL/dy and accumulate the
+products G M and L G with fixed thin matrices M, L (the sketch passes of ``gradlora.sketch``).
 """
 
 from __future__ import annotations
@@ -75,6 +77,66 @@ class ExactAccumulator:
     def result(self, num_batches: int) -> Tensor:
         """G = total / N, divided in place (no second (m, n) buffer): call it once."""
         return self.total.div_(num_batches)
+
+
+class SketchAccumulator:
+    """Sums of G @ M (m, k) and L @ G (l, n) for fixed ``right`` M (n, k) and ``left`` L (l, m).
+
+    For a linear layer y = x W^T, dL/dW = sum_t delta_t^T x_t over tokens t, so
+    G M = sum_t delta_t^T (x_t M) and L G = sum_t (L delta_t^T) x_t: no weight gradient and no
+    (m, n) buffer, per batch or in total. x (T, n) and delta (T, m) come from a forward hook on the
+    base layer and a gradient hook on its output; products are taken and summed in fp32. Either
+    side may be None (not accumulated). Memory: (m + n) k + l n floats per layer.
+    """
+
+    needs_weight_grad = False
+
+    def __init__(self, target: LoraTarget, right: Tensor | None = None, left: Tensor | None = None):
+        self.target = target
+        self.hits = 0
+        m, n = target.shape
+        device = target.weight.device
+        self.right, self.left = right, left
+        self.GR = None if right is None else torch.zeros(m, right.shape[1], device=device)
+        self.LG = None if left is None else torch.zeros(left.shape[0], n, device=device)
+
+    def _add(self, x: Tensor, delta: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        d = delta.reshape(-1, delta.shape[-1]).float()
+        if self.GR is not None:
+            self.GR.addmm_(d.T, x @ self.right)
+        if self.LG is not None:
+            self.LG.addmm_(self.left @ d.T, x)
+        self.hits += 1
+
+    def attach(self) -> list[RemovableHandle]:
+        def on_forward(module: nn.Module, args: tuple, y: Tensor) -> Tensor:
+            if not args or not isinstance(args[0], Tensor):
+                raise GradLoraError(
+                    f"layer {self.target.name!r} was called without a tensor input; "
+                    "gradient='sketch' needs it as the first positional argument"
+                )
+            x = args[0]
+            if not y.requires_grad:
+                # nothing upstream requires grad (all weights are frozen): start the graph here,
+                # and drop the leaf's accumulated .grad at once
+                y = y.detach().requires_grad_()
+                y.register_post_accumulate_grad_hook(_drop_grad)
+            y.register_hook(lambda delta: self._add(x, delta))
+            return y
+
+        return [self.target.layer.get_base_layer().register_forward_hook(on_forward)]
+
+    def state(self) -> list[Tensor]:
+        return [s for s in (self.GR, self.LG) if s is not None]
+
+    def result(self, num_batches: int) -> tuple[Tensor | None, Tensor | None]:
+        """(G M, L G) for the mean gradient G, i.e. the sums divided by ``num_batches``."""
+        return tuple(None if s is None else s / num_batches for s in (self.GR, self.LG))
+
+
+def _drop_grad(tensor: Tensor) -> None:
+    tensor.grad = None
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -203,7 +265,13 @@ def capture(
             )
             for index, batch in enumerate(bar):
                 try:
-                    batch_loss(model, move_to(batch, device), loss_fn, index).backward()
+                    loss = batch_loss(model, move_to(batch, device), loss_fn, index)
+                    if not loss.requires_grad:
+                        raise GradLoraError(
+                            f"batch {index}: the loss does not depend on any LoRA target layer, so "
+                            "no gradient reached them; check loss_fn and target_modules"
+                        )
+                    loss.backward()
                 except Exception as e:
                     if not isinstance(e, GradLoraError):
                         e.add_note(

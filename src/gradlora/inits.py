@@ -137,13 +137,26 @@ def init_from_gradient(
     U, S, V = top_svd(
         G, method.svd_rank(r), method=method.svd, niter=method.svd_niter, seed=method.seed
     )
+    A0, B0 = init_from_svd(U, S, V, r, method)
+    return A0, B0, S
+
+
+def init_from_svd(
+    U: Tensor, S: Tensor, V: Tensor, r: int, method: LoraGA | LoraOne
+) -> tuple[Tensor, Tensor]:
+    """The method's (A0 (r, n), B0 (m, r)) from G's top-k triplets U (m, k), S (k,), V (n, k),
+    k >= method.svd_rank(r), however they were obtained (exact, randomized or sketched SVD)."""
+    k = method.svd_rank(r)
+    if U.shape[1] < k or V.shape[1] < k or S.shape[0] < k:
+        raise GradLoraError(
+            f"{method.name} at rank r={r} needs {k} singular triplets, got {S.shape[0]}"
+        )
     if not S[0] > 0:  # also false for NaN
         raise GradLoraError(
             f"the gradient matrix has largest singular value {S[0].item()}: it is zero or not "
             "finite, so it gives no direction to initialize from; check the loss and the data"
         )
-    A0, B0 = method.factors(U, S, V, r)
-    return A0, B0, S
+    return method.factors(U, S, V, r)
 
 
 def offset_weight(W: Tensor, A0: Tensor, B0: Tensor, scaling: float) -> Tensor:

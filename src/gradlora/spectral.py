@@ -102,3 +102,70 @@ def best_rank_approx(matrix: Tensor, k: int) -> Tensor:
     """[M]_k, the best rank-k approximation of ``matrix`` (m, n) in Frobenius norm (exact SVD)."""
     U, S, V = exact_svd(matrix, k)
     return (U * S) @ V.T
+
+
+# --- low-rank reconstruction from sketches (ALGORITHMS.md 1, sketch mode) ---
+
+
+def gaussian_test_matrix(
+    rows: int, cols: int, seed: int, device: torch.device | str = "cpu"
+) -> Tensor:
+    """A (rows, cols) fp32 standard Gaussian matrix from a private CPU generator seeded with
+    ``seed``, then moved to ``device``: the same numbers on every device, global RNG untouched."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=gen, dtype=torch.float32).to(device)
+
+
+def orthonormal_basis(Y: Tensor) -> Tensor:
+    """Q (m, k) with orthonormal columns and range(Q) containing range(Y), Y (m, k), k <= m.
+
+    Householder QR: Q stays orthonormal even when Y is rank-deficient.
+    """
+    return torch.linalg.qr(Y.to(_compute_dtype(Y))).Q
+
+
+def factored_svd(L: Tensor, R: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k triplets of the product M = L R^T, L (m, p), R (n, p), without forming M (m, n).
+
+    L = Q_L T_L, R = Q_R T_R (thin QR); T_L T_R^T = u diag(S) v^T (p, p);
+    then M = (Q_L u) diag(S) (Q_R v)^T. Cost O((m + n) p^2). Returns U (m, k), S (k,), V (n, k)
+    with deterministic signs (``fix_signs``); requires k <= p.
+    """
+    dtype = torch.promote_types(_compute_dtype(L), _compute_dtype(R))
+    QL, TL = torch.linalg.qr(L.to(dtype))
+    QR, TR = torch.linalg.qr(R.to(dtype))
+    u, S, vh = torch.linalg.svd(TL @ TR.T)
+    U, V = fix_signs(QL @ u[:, :k], QR @ vh[:k].T)
+    return U.contiguous(), S[:k].contiguous(), V.contiguous()
+
+
+def sketch_svd(Y: Tensor, Z: Tensor, Psi: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k triplets of G (m, n) from its single-pass sketches (Tropp, Yurtsever, Udell,
+    Cevher 2017): range sketch Y = G Omega (m, s), co-range sketch Z = Psi G (l, n), with the
+    co-range test matrix Psi (l, m), l >= s >= k (Omega itself is not needed).
+
+    Q = orth(Y) (m, s); X = argmin_X ||(Psi Q) X - Z||_F = (Psi Q)^+ Z (s, n), solved by QR of
+    Psi Q; G ~= Q X, whose top-k SVD is ``factored_svd(Q, X^T, k)``. Exact (up to rounding)
+    when rank(G) <= s: then Q Q^T G = G and Z = (Psi Q)(Q^T G).
+    """
+    Q = orthonormal_basis(Y)
+    Qp, Tp = torch.linalg.qr(Psi.to(Q.dtype) @ Q)
+    X = torch.linalg.solve_triangular(Tp, Qp.T @ Z.to(Q.dtype), upper=True)
+    return factored_svd(Q, X.T, k)
+
+
+def captured_energy(G: Tensor, U: Tensor, V: Tensor) -> tuple[float, float]:
+    """How much of G's best rank-k energy the subspaces (U (m, k), V (n, k)) hold, k = U.shape[1].
+
+    Returns (left, both): left = ||U^T G||_F^2 / sum_{i<=k} sigma_i(G)^2 and
+    both = ||U^T G V||_F^2 / sum_{i<=k} sigma_i(G)^2, each in [0, 1] for orthonormal U, V
+    (Ky Fan), 1 exactly when U (and V) span G's top-k singular subspaces. ``both`` is the one an
+    init that uses U and V together (LoRA-GA, LoRA-One) depends on.
+    """
+    G = G.double()
+    k = U.shape[1]
+    top = torch.linalg.svdvals(G)[:k].square().sum()
+    UtG = U.double().T @ G
+    left = UtG.square().sum() / top
+    both = (UtG @ V.double()).square().sum() / top
+    return left.item(), both.item()

@@ -1,0 +1,189 @@
+"""Sketch mode (ALGORITHMS.md 1): the top singular triplets of each target's G, never forming G.
+
+Pass 1 runs the N batches once and accumulates, per layer, the range sketch Y = G Omega (m, s)
+and, for a single pass, the co-range sketch Z = Psi G (l, n); Omega (n, s) and Psi (l, m) are
+fixed seeded Gaussian matrices, s = k + oversample, l = 2s + 1 (both capped by the layer's
+size), k the method's SVD rank. Further passes run the same cached batches again (same dropout
+draws: every pass starts from the caller's RNG state) and alternate exact products with
+orthonormal bases, i.e. randomized subspace (power) iteration on G:
+
+  passes=1: (Y, Z)                       -> sketch_svd (Tropp et al. 2017)
+  passes=2: Q = orth(G Omega); Q^T G      -> SVD of Q (Q^T G)
+  passes=3: ... P = orth(G^T Q); G P      -> SVD of (G P) P^T
+  and so on, each extra pass one more half power iteration.
+
+Memory per layer: O((m + n) s) floats instead of m n; the products are fed from module hooks
+(``capture.SketchAccumulator``), so no weight requires grad and no weight gradient is computed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from torch import Tensor, nn
+
+from .capture import LossFn, SketchAccumulator, capture
+from .errors import GradLoraError
+from .peft_bridge import LoraTarget
+from .spectral import factored_svd, gaussian_test_matrix, orthonormal_basis, sketch_svd
+
+
+@dataclass
+class LayerSketch:
+    """What the last pass left for one layer; ``svd()`` reconstructs the top-k triplets."""
+
+    k: int
+    kind: str  # "single" (a=Y, b=Z, psi), "range" (a=Q, b=Q^T G), "corange" (a=G P, b=P)
+    a: Tensor
+    b: Tensor
+    psi: Tensor | None = None
+
+    def svd(self) -> tuple[Tensor, Tensor, Tensor]:
+        """U (m, k), S (k,), V (n, k) of the sketched G, fp32."""
+        if self.kind == "single":
+            return sketch_svd(self.a, self.b, self.psi, self.k)
+        if self.kind == "range":
+            return factored_svd(self.a, self.b.T, self.k)
+        return factored_svd(self.a, self.b, self.k)
+
+
+# Default sketch width s = SKETCH_WIDTH_FACTOR * k. Measured on real MiniLM gradients (8 batches
+# of 32, r = 8, k = 16, 36 layers; benchmarks/init_cost.py), the single-pass sketch captures a
+# median of 0.885 / 0.920 / 0.966 / 0.990 of the top-2r energy at s = 2k / 3k / 5k / 8k
+# (min 0.41 / 0.52 / 0.66 / 0.85): gradient spectra decay slowly, so a thin sketch is not enough.
+SKETCH_WIDTH_FACTOR = 8
+
+
+def sketch_sizes(k: int, shape: tuple[int, int], oversample: int | None) -> tuple[int, int]:
+    """(s, l): range sketch width s = k + oversample (default oversample = (SKETCH_WIDTH_FACTOR
+    - 1) k, so s = 8k) and co-range width l = 2s + 1, capped at min(m, n) and m for a layer of
+    shape (m, n)."""
+    m, n = shape
+    extra = (SKETCH_WIDTH_FACTOR - 1) * k if oversample is None else oversample
+    s = min(k + extra, m, n)
+    return s, min(2 * s + 1, m)
+
+
+def check_sketch_options(passes: Any, oversample: Any) -> None:
+    if not isinstance(passes, int) or isinstance(passes, bool) or passes < 1:
+        raise GradLoraError(f"sketch_passes must be a positive integer, got {passes!r}")
+    if oversample is not None and (
+        not isinstance(oversample, int) or isinstance(oversample, bool) or oversample < 0
+    ):
+        raise GradLoraError(
+            f"sketch_oversample must be None or an integer >= 0, got {oversample!r}"
+        )
+
+
+def sketch_svds(
+    model: nn.Module,
+    targets: list[LoraTarget],
+    batches: Iterable[Any],
+    ranks: Mapping[str, int],
+    *,
+    num_batches: int = 8,
+    loss_fn: LossFn | None = None,
+    progress: bool = True,
+    passes: int = 1,
+    oversample: int | None = None,
+    seed: int = 0,
+    reduce: Callable[[list[Tensor]], None] | None = None,
+) -> tuple[dict[str, LayerSketch], int]:
+    """Sketch the mean gradient G of every target in ``passes`` passes over the same batches.
+
+    ``ranks[name]`` is the number k of triplets wanted for that layer. Returns
+    ({base-model layer name: LayerSketch}, number of batches used); call ``.svd()`` on each.
+    Test matrices come from private generators seeded by ``seed`` and the layer's position, so
+    the same seed gives bit-identical results. Raises GradLoraError like ``capture`` (empty
+    data, unreached layer, non-finite or zero gradient); the model is restored in every case.
+    """
+    check_sketch_options(passes, oversample)
+    if passes > 1 and not isinstance(batches, Mapping | Tensor):
+        batches = list(itertools.islice(batches, num_batches))  # replayed by the later passes
+    sizes = {t.name: sketch_sizes(ranks[t.name], t.shape, oversample) for t in targets}
+    omegas, psis = {}, {}
+    for i, t in enumerate(targets):
+        s, l = sizes[t.name]
+        device = t.weight.device
+        omegas[t.name] = gaussian_test_matrix(t.shape[1], s, seed * 1_000_003 + 2 * i, device)
+        if passes == 1:
+            psis[t.name] = gaussian_test_matrix(l, t.shape[0], seed * 1_000_003 + 2 * i + 1, device)
+
+    def run(make: Callable[[LoraTarget], SketchAccumulator], count: int):
+        return capture(
+            model,
+            targets,
+            batches,
+            num_batches=count,
+            loss_fn=loss_fn,
+            progress=progress,
+            make_accumulator=make,
+            reduce=reduce,
+        )
+
+    accs, used = run(
+        lambda t: SketchAccumulator(t, right=omegas[t.name], left=psis.get(t.name)), num_batches
+    )
+    first = {name: acc.result(used) for name, acc in accs.items()}
+    del accs
+    if passes == 1:
+        return {
+            t.name: LayerSketch(ranks[t.name], "single", *first[t.name], psis[t.name])
+            for t in targets
+        }, used
+
+    count = len(batches)
+    basis = {name: orthonormal_basis(Y) for name, (Y, _) in first.items()}  # Q (m, s)
+    del first
+    for p in range(2, passes + 1):
+        left_side = p % 2 == 0  # even passes: Q^T G (s, n); odd passes: G P (m, s)
+        accs, _ = run(partial(_projection, basis=basis, left_side=left_side), count)
+        products = {name: acc.result(used)[1 if left_side else 0] for name, acc in accs.items()}
+        del accs
+        if p == passes:
+            kind = "range" if left_side else "corange"
+            if left_side:
+                return {
+                    t.name: LayerSketch(ranks[t.name], kind, basis[t.name], products[t.name])
+                    for t in targets
+                }, used
+            return {
+                t.name: LayerSketch(ranks[t.name], kind, products[t.name], basis[t.name])
+                for t in targets
+            }, used
+        basis = {name: orthonormal_basis(M.T if left_side else M) for name, M in products.items()}
+    raise AssertionError("unreachable")
+
+
+def _projection(t: LoraTarget, basis: Mapping[str, Tensor], left_side: bool) -> SketchAccumulator:
+    if left_side:
+        return SketchAccumulator(t, left=basis[t.name].T)
+    return SketchAccumulator(t, right=basis[t.name])
+
+
+GRADIENT_MODES = ("auto", "exact", "sketch")
+# gradient="auto" holds G exactly while its fp32 accumulators (4 bytes per adapted weight) total
+# at most this much, and sketches it above. Below it exact costs little memory, is exact, and
+# was measured no slower than the sketch (MiniLM; the sketch's products are as costly as the
+# weight gradients when layers are narrow); above it the accumulators outgrow the model itself
+# (bf16 weights take 2 bytes each) while the sketch needs about 3 s (m + n) floats per layer.
+AUTO_EXACT_MAX_BYTES = 2**30
+
+
+def choose_gradient(mode: str, targets: list[LoraTarget]) -> str:
+    """Resolve ``initialize``'s ``gradient`` argument to "exact" or "sketch".
+
+    "auto": "exact" if sum over targets of 4 m n bytes <= AUTO_EXACT_MAX_BYTES (1 GiB, about
+    268M adapted weights), else "sketch". Depends only on the layer shapes, so every rank of a
+    data-parallel run makes the same choice.
+    """
+    if mode not in GRADIENT_MODES:
+        raise GradLoraError(f"unknown gradient={mode!r}; choose one of {', '.join(GRADIENT_MODES)}")
+    if mode != "auto":
+        return mode
+    exact_bytes = sum(4 * t.shape[0] * t.shape[1] for t in targets)
+    return "exact" if exact_bytes <= AUTO_EXACT_MAX_BYTES else "sketch"
