@@ -14,6 +14,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import GradLoraError
+
+
+def check_hyperparameters(lr: float, betas: tuple[float, float], damping: float) -> None:
+    """Raise a GradLoraError for lr < 0, betas outside [0, 1) or damping <= 0."""
+    if not lr >= 0:
+        raise GradLoraError(f"lr must be >= 0, got {lr}")
+    if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+        raise GradLoraError(f"betas must lie in [0, 1), got {betas}")
+    if not damping > 0:
+        raise GradLoraError(f"damping must be > 0 (it keeps B = 0 finite), got {damping}")
+
 
 def state_dtype(t: Tensor) -> torch.dtype:
     """fp32, or the tensor's dtype if it is wider (fp64)."""

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..errors import GradLoraError
-from .adamw import adamw_foreach_, state_dtype
-from .pairing import group_by_rank, split_trainable
+from .adamw import adamw_foreach_, check_hyperparameters, state_dtype
+from .pairing import check_pair_group, group_by_rank, pair_param_groups, split_trainable
 
 log = logging.getLogger("gradlora")
 MODES = ("efficient", "full")
@@ -147,12 +147,7 @@ class LoraProAdamW(Optimizer):
         mode: str = "efficient",
         bias_correction: bool = True,
     ):
-        if not lr >= 0:
-            raise GradLoraError(f"lr must be >= 0, got {lr}")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise GradLoraError(f"betas must lie in [0, 1), got {betas}")
-        if not damping > 0:
-            raise GradLoraError(f"damping must be > 0 (it keeps B = 0 finite), got {damping}")
+        check_hyperparameters(lr, betas, damping)
         if mode not in MODES:
             raise GradLoraError(f"unknown LoRA-Pro mode {mode!r}; choose 'efficient' or 'full'")
         defaults = dict(
@@ -268,19 +263,12 @@ def _adam_direction(
 
 def _check_group(group: dict[str, Any]) -> None:
     params, scalings = group["params"], group["scalings"]
-    if len(params) % 2:
-        raise GradLoraError("a lora_pairs group needs parameters in (A, B) order: A1, B1, A2, ...")
+    check_pair_group(params, "create_lora_pro_optimizer")
     if scalings is None or len(scalings) != len(params) // 2:
         raise GradLoraError(
             "a lora_pairs group needs 'scalings', one LoRA scaling s per (A, B) pair; build the "
             "optimizer with create_lora_pro_optimizer(model, ...)"
         )
-    for A, B in zip(params[0::2], params[1::2], strict=True):
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise GradLoraError(
-                f"parameters of shapes {tuple(A.shape)} and {tuple(B.shape)} are not a LoRA "
-                "(A (r, n), B (m, r)) pair; build the optimizer with create_lora_pro_optimizer"
-            )
 
 
 def create_lora_pro_optimizer(
@@ -310,17 +298,8 @@ def create_lora_pro_optimizer(
             len(pairs),
             extra / 2**20,
         )
-    groups = [
-        {
-            "params": [p for pair in pairs for p in (pair.A, pair.B)],
-            "scalings": [pair.scaling for pair in pairs],
-            "lora_pairs": True,
-        }
-    ]
-    if others:
-        groups.append({"params": others, "lora_pairs": False})
     return LoraProAdamW(
-        groups,
+        pair_param_groups(pairs, others, scalings=[pair.scaling for pair in pairs]),
         lr=lr,
         betas=betas,
         eps=eps,

@@ -59,3 +59,30 @@ def split_trainable(model: nn.Module) -> tuple[list[LoraPair], list[nn.Parameter
             )
         others.append(p)
     return pairs, others
+
+
+def check_pair_group(params: list[Tensor], factory: str) -> None:
+    """Raise unless ``params`` reads A1, B1, A2, B2, ... with A (r, n) and B (m, r)."""
+    if len(params) % 2:
+        raise GradLoraError("a lora_pairs group needs parameters in (A, B) order: A1, B1, A2, ...")
+    for A, B in zip(params[0::2], params[1::2], strict=True):
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise GradLoraError(
+                f"parameters of shapes {tuple(A.shape)} and {tuple(B.shape)} are not a LoRA "
+                f"(A (r, n), B (m, r)) pair; build the optimizer with {factory}(model, ...)"
+            )
+
+
+def pair_param_groups(pairs: list[LoraPair], others: list[nn.Parameter], **pair_options) -> list:
+    """Optimizer groups: the pairs as A1, B1, A2, B2, ... (``lora_pairs=True``, plus
+    ``pair_options``) and, if any, the other trainable parameters (plain AdamW)."""
+    groups = [
+        {
+            "params": [p for pair in pairs for p in (pair.A, pair.B)],
+            "lora_pairs": True,
+            **pair_options,
+        }
+    ]
+    if others:
+        groups.append({"params": others, "lora_pairs": False})
+    return groups

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..errors import GradLoraError
-from .adamw import adamw_foreach_
-from .pairing import group_by_rank, split_trainable
+from .adamw import adamw_foreach_, check_hyperparameters
+from .pairing import check_pair_group, group_by_rank, pair_param_groups, split_trainable
 
 
 def _solve_dtype(t: Tensor) -> torch.dtype:
@@ -84,12 +84,7 @@ class PreconditionedAdamW(Optimizer):
         damping: float = 1e-6,
         bias_correction: bool = True,
     ):
-        if not lr >= 0:
-            raise GradLoraError(f"lr must be >= 0, got {lr}")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise GradLoraError(f"betas must lie in [0, 1), got {betas}")
-        if not damping > 0:
-            raise GradLoraError(f"damping must be > 0 (it keeps B = 0 finite), got {damping}")
+        check_hyperparameters(lr, betas, damping)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -102,7 +97,7 @@ class PreconditionedAdamW(Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["lora_pairs"]:
-                _check_pairs(group["params"])
+                check_pair_group(group["params"], "create_preconditioned_optimizer")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -143,19 +138,6 @@ class PreconditionedAdamW(Optimizer):
         return loss
 
 
-def _check_pairs(params: list[Tensor]) -> None:
-    if len(params) % 2:
-        raise GradLoraError(
-            "a lora_pairs group needs parameters in (A, B) order: A1, B1, A2, B2, ..."
-        )
-    for A, B in zip(params[0::2], params[1::2], strict=True):
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise GradLoraError(
-                f"parameters of shapes {tuple(A.shape)} and {tuple(B.shape)} are not a LoRA (A (r, n), "
-                "B (m, r)) pair; build the optimizer with create_preconditioned_optimizer(model, ...)"
-            )
-
-
 def create_preconditioned_optimizer(
     model: nn.Module,
     lr: float,
@@ -172,11 +154,8 @@ def create_preconditioned_optimizer(
     with LR schedulers, and as ``Trainer(optimizers=(opt, scheduler))``.
     """
     pairs, others = split_trainable(model)
-    groups = [{"params": [p for pair in pairs for p in (pair.A, pair.B)], "lora_pairs": True}]
-    if others:
-        groups.append({"params": others, "lora_pairs": False})
     return PreconditionedAdamW(
-        groups,
+        pair_param_groups(pairs, others),
         lr=lr,
         betas=betas,
         eps=eps,
