@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test lint format bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: anything that asks for torch later finds it installed
 	$(PY) -m pip install --disable-pip-version-check -q torch==2.13.0

@@ -15,7 +15,7 @@ from torch import Tensor
 SvdMethod = Literal["auto", "exact", "randomized"]
 
 # "auto" uses the exact SVD up to this many rows/columns on the short side.
-EXACT_SVD_MAX_DIM = 1024
+EXACT_SVD_MAX_DIM = 512
 
 
 def _compute_dtype(matrix: Tensor) -> torch.dtype:
