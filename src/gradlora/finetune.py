@@ -4,6 +4,14 @@ A checkpoint (OUT/checkpoint.pt) holds the trainable weights (all weights for me
 changes the base weights), the optimizer and scheduler state, the step, the losses so far and
 the RNG state. The batches are a pure function of the seed, so a run resumed from a checkpoint
 takes exactly the steps the uninterrupted run would have taken and ends at the same adapter.
+
+Under torchrun (WORLD_SIZE > 1, see gradlora.ddp) every process builds the same model and the
+same global batches, trains on its rows of each batch inside DistributedDataParallel, and the
+gradient init is a collective (gradlora.initialize all-reduces). Rank 0 alone prints, shows
+progress bars, evaluates and writes the checkpoint (with every rank's RNG state) and the
+outputs; the others wait for it at a barrier before leaving the process group. ``--resume``
+makes every process load the same checkpoint, which must have been written by as many
+processes.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .ddp import Ranks, start
 from .errors import GradLoraError
 from .methods import get_method
 from .tasks import CLASSIFICATION, load_task
@@ -36,7 +45,11 @@ def _state_names(model: torch.nn.Module, everything: bool) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def save_checkpoint(path: Path, key: str, step: int, losses, model, optimizer, scheduler, method):
+def save_checkpoint(
+    path: Path, key: str, step: int, losses, model, optimizer, scheduler, method, rank_rng=None
+):
+    """Write the checkpoint atomically. ``rank_rng``: every rank's (CPU, CUDA) RNG state under
+    torchrun (then the checkpoint also records the number of processes)."""
     state = model.state_dict()
     data = {
         "config_key": key,
@@ -50,17 +63,29 @@ def save_checkpoint(path: Path, key: str, step: int, losses, model, optimizer, s
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+    if rank_rng is not None and len(rank_rng) > 1:
+        data |= {"world_size": len(rank_rng), "rank_rng": rank_rng}
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(data, tmp)
     os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
 
 
-def load_checkpoint(path: Path, key: str, model, optimizer, scheduler) -> tuple[int, list[float]]:
+def load_checkpoint(
+    path: Path, key: str, model, optimizer, scheduler, rank: int = 0, world: int = 1
+) -> tuple[int, list[float]]:
+    """Restore model, optimizer, scheduler and this rank's RNG; (step, losses so far)."""
     data = torch.load(path, map_location="cpu", weights_only=True)
     if data["config_key"] != key:
         raise GradLoraError(
             f"{path} was written by a run with different settings; resume with the same "
             "command, or use another --out"
+        )
+    written_by = data.get("world_size", 1)
+    if written_by != world:
+        raise GradLoraError(
+            f"{path} was written by {written_by} process(es) and this run has {world}; resume "
+            f"with as many (torchrun --nproc_per_node {written_by}"
+            + (")" if written_by > 1 else ", or no torchrun)")
         )
     missing = [n for n in data["model"] if n not in model.state_dict()]
     if missing:
@@ -68,17 +93,43 @@ def load_checkpoint(path: Path, key: str, model, optimizer, scheduler) -> tuple[
     model.load_state_dict(data["model"], strict=False)
     optimizer.load_state_dict(data["optimizer"])
     scheduler.load_state_dict(data["scheduler"])
-    torch.set_rng_state(data["rng"])
-    if data["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(data["cuda_rng"])
+    rng, cuda_rng = (data["rng"], data["cuda_rng"]) if world == 1 else data["rank_rng"][rank]
+    torch.set_rng_state(rng)
+    if cuda_rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_rng)
     return int(data["step"]), list(data["losses"])
 
 
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """print on ranks other than 0."""
+
+
+def _differing(model: torch.nn.Module, ranks: Ranks) -> list[str]:
+    """Trainable weights that are not bit-identical on every rank (rank 0's are then copied to
+    the others; after DDP training none should differ). Collective; [] in a single process."""
+    if not ranks.active:
+        return []
+    from .distributed import synchronize
+
+    named = [(n, p.data) for n, p in model.named_parameters() if p.requires_grad]
+    return [named[i][0] for i in synchronize([t for _, t in named])]
+
+
 def main_train(args, defaults_for, guess_kind) -> int:
+    """``gradlora train``: one process, or one of torchrun's (then the group is left at the end)."""
+    ranks = start(args.device)
+    try:
+        return _main_train(args, defaults_for, guess_kind, ranks)
+    finally:
+        ranks.close()
+
+
+def _main_train(args, defaults_for, guess_kind, ranks: Ranks) -> int:
     from .bench import resolve_device
     from .methods import build
 
     method = get_method(args.method)
+    say = print if ranks.main else _quiet
     label_column = args.label_column or "label"
     defaults_for(args, guess_kind(args.data, args.text_column, label_column))
     task = load_task(
@@ -93,7 +144,12 @@ def main_train(args, defaults_for, guess_kind) -> int:
         label_required=args.label_column is not None,
     )
     lr = args.lr if args.lr is not None else method.default_lr(task.kind)
-    device = resolve_device(args.device)
+    device = ranks.device if ranks.active else resolve_device(args.device)
+    if ranks.active and method.init == "peft-lora-ga":
+        raise GradLoraError(
+            "peft-lora-ga (peft's preprocess_loraga) estimates the gradient in each process "
+            "alone; under torchrun use lora-ga (gradlora's init, averaged over all processes)"
+        )
     warmup = args.warmup_steps if args.warmup_steps is not None else -(-3 * args.steps // 100)
     config = {
         "task": task.identity,
@@ -116,16 +172,22 @@ def main_train(args, defaults_for, guess_kind) -> int:
     ckpt = out / CHECKPOINT
     if ckpt.exists() and not args.resume:
         raise GradLoraError(f"{ckpt} exists: add --resume to continue it, or use another --out")
-    progress = not args.no_progress
+    progress = not args.no_progress and ranks.main
     if task.label_names:
-        print("labels: " + ", ".join(f"{i} = {n}" for i, n in enumerate(task.label_names)))
-    print(
+        say("labels: " + ", ".join(f"{i} = {n}" for i, n in enumerate(task.label_names)))
+    say(
         f"{method.name} ({method.about}) on {task.model}, {task.data}: {task.kind}, "
         f"{len(task.splits['train'])} train / {len(task.splits['val'])} val / "
         f"{len(task.splits['test'])} test examples; lr {lr:g}, {args.steps} steps"
     )
-
+    # the global batches, a pure function of the seed; this process trains on its rows of each
     batches = task.batches("train", args.batch_size, args.max_length, args.steps, seed=args.seed)
+    batches = ranks.shard(batches, args.batch_size)
+    if ranks.active:
+        say(
+            f"data-parallel: {ranks.world} processes ({torch.distributed.get_backend()}), "
+            f"{args.batch_size // ranks.world} examples each per step"
+        )
     built = build(
         method,
         task,
@@ -141,9 +203,12 @@ def main_train(args, defaults_for, guess_kind) -> int:
     )
     model, opt = built.model, built.optimizer
     if built.init_summary:
-        print(built.init_summary)
+        say(built.init_summary)
     initial = out / INITIAL_ADAPTER
-    if method.init in ("pissa", "peft-lora-ga") and not (initial / "adapter_config.json").exists():
+    first = (
+        method.init in ("pissa", "peft-lora-ga") and not (initial / "adapter_config.json").exists()
+    )
+    if first and ranks.main:
         # peft converts such adapters to plain ones against this saved init (see save below)
         adapter = model.active_adapter
         init_weights = model.peft_config[adapter].init_lora_weights
@@ -151,18 +216,22 @@ def main_train(args, defaults_for, guess_kind) -> int:
         model.save_pretrained(str(initial))
         model.peft_config[adapter].init_lora_weights = init_weights
     sched = make_scheduler(opt, args.schedule, args.steps, warmup)
-    torch.manual_seed(args.seed + 2)  # dropout draws, as in gradlora bench
+    torch.manual_seed(args.seed + 2 + 1_000_003 * ranks.rank)  # dropout, as in gradlora bench
     start_step, losses = 0, []
     if args.resume and ckpt.exists():
-        start_step, losses = load_checkpoint(ckpt, key, model, opt, sched)
-        print(f"resuming from {ckpt} at step {start_step}")
+        start_step, losses = load_checkpoint(ckpt, key, model, opt, sched, ranks.rank, ranks.world)
+        say(f"resuming from {ckpt} at step {start_step}")
+    ranks.same(start_step, "the step to resume from")
+    net = ranks.wrap(model)  # DistributedDataParallel under torchrun; the model itself alone
 
     def on_step(step: int, result) -> None:
         if args.save_every and (step % args.save_every == 0 or step == args.steps):
-            save_checkpoint(ckpt, key, step, result.losses, model, opt, sched, method)
+            rank_rng = ranks.rng_states() if ranks.active else None  # collective
+            if ranks.main:
+                save_checkpoint(ckpt, key, step, result.losses, model, opt, sched, method, rank_rng)
 
     result = train(
-        model,
+        net,
         batches,
         opt,
         sched,
@@ -171,11 +240,22 @@ def main_train(args, defaults_for, guess_kind) -> int:
         start_step=start_step,
         losses=losses,
         on_step=on_step,
+        loss_value=ranks.mean if ranks.active else None,
     )
     if result.diverged_at is not None:
         raise GradLoraError(
             f"the loss became NaN/inf at step {result.diverged_at + 1}; lower --lr (was {lr:g})"
         )
+    differing = _differing(model, ranks)
+    if ranks.main:
+        _finish(args, task, method, model, built, config, result, out, differing, ranks.world)
+    ranks.barrier()  # no process leaves before rank 0 has saved
+    return 0
+
+
+def _finish(args, task, method, model, built, config, result, out, differing, world) -> None:
+    """Evaluate, save the adapter (or model), the tokenizer and train.json; print the summary."""
+    initial = out / INITIAL_ADAPTER
     eval_bs = 64 if task.kind == CLASSIFICATION else args.batch_size
     metrics = {
         split: evaluate(model, task.eval_batches(split, args.max_length, eval_bs))
@@ -205,6 +285,13 @@ def main_train(args, defaults_for, guess_kind) -> int:
         "saved": str(where),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if world > 1:
+        record |= {"processes": world, "ranks_differed": differing}
+        if differing:
+            print(
+                f"warning: {len(differing)} weights differed across processes (e.g. "
+                f"{differing[0]}); rank 0's were saved"
+            )
     (out / "train.json").write_text(json.dumps(record, indent=1))
     parts = [f"final training loss (20-step mean) {record['final_smoothed_loss']:.4f}"]
     for split, m in metrics.items():
@@ -214,4 +301,3 @@ def main_train(args, defaults_for, guess_kind) -> int:
         )
     print("; ".join(parts))
     print(f"saved {where} and {out / 'train.json'}")
-    return 0

@@ -56,12 +56,15 @@ def train(
     start_step: int = 0,
     losses: Sequence[float] = (),
     on_step: Callable[[int, TrainResult], None] | None = None,
+    loss_value: Callable[[torch.Tensor], float] | None = None,
 ) -> TrainResult:
     """One optimizer step per batch on ``model(**batch).loss``; stops at a non-finite loss.
 
     To resume, pass ``start_step`` (steps already taken: batches[:start_step] are skipped) and
     the ``losses`` of those steps, with model, optimizer, scheduler and RNG restored.
-    ``on_step(steps_done, result)`` runs after every step (checkpoints).
+    ``on_step(steps_done, result)`` runs after every step (checkpoints). ``loss_value(loss)``
+    turns the step's loss into the number recorded (default ``loss.item()``; data-parallel: the
+    mean over the ranks, so every rank records and stops on the same value).
     """
     result = TrainResult(losses=list(losses))
     device = _device(model)
@@ -78,7 +81,7 @@ def train(
     for step, batch in enumerate(bar, start=start_step):
         optimizer.zero_grad(set_to_none=True)
         loss = model(**move_to(batch, device)).loss
-        value = loss.item()
+        value = loss.item() if loss_value is None else loss_value(loss)
         if not math.isfinite(value):
             result.diverged_at = step
             break
