@@ -1,7 +1,7 @@
 """A real interruption: SIGKILL `gradlora train` after a checkpoint, resume, compare bit for bit.
 
 Three processes with the same settings and thread count: an uninterrupted run, a run killed by
-SIGKILL once OUT/checkpoint.pt exists (tests/_slow_train.py sleeps after each step so the kill
+SIGKILL once OUT/checkpoint.pt exists (tests/_hooked_train.py sleeps after each step so the kill
 lands before the end), and the resume of the killed run with --resume. LoRA-GA on MiniLM (one
 layer, dropout on): the checkpoint must restore offset base weights, optimizer, scheduler and the
 RNG of the dropout draws for the resumed run to end at the uninterrupted run's adapter.
@@ -36,7 +36,18 @@ STEPS = 8
 def command(data: Path, out: Path) -> list[str]:
     args = ["train", "--data", str(data), "--method", "lora-ga", "--steps", str(STEPS)]
     args += ["--save-every", "2", "--num-layers", "1", "--batch-size", "4", "--max-length", "16"]
-    return [*args, "--init-batches", "2", "--rank", "2", "--no-progress", "--out", str(out)]
+    return [
+        *args,
+        "--init-batches",
+        "2",
+        "--rank",
+        "2",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
 
 
 def gradlora(args: list[str]) -> subprocess.CompletedProcess:
@@ -59,7 +70,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_adapter(tmp_path):
 
     cut = tmp_path / "cut"
     child = subprocess.Popen(
-        [sys.executable, str(TESTS / "_slow_train.py"), "0.3", *command(data, cut)],
+        [sys.executable, str(TESTS / "_hooked_train.py"), "pause", "0.3", *command(data, cut)],
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

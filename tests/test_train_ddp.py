@@ -1,8 +1,9 @@
 """`gradlora train` under torchrun: 2 CPU processes (gloo) against 1 process, same global batches.
 
-One torchrun launch of a tiny random BERT (dropout 0) on a CSV, LoRA-One (collective gradient
-init + preconditioned AdamW inside DDP), checkpointing; the same command in this process is the
-reference. A second launch checks that bad input fails on every rank with one line.
+A tiny random BERT (dropout 0) on a CSV, LoRA-One (collective gradient init + preconditioned
+AdamW inside DDP): a torchrun run stopped on both ranks after the checkpoint of step 2, then
+resumed by torchrun --resume to the end; the uninterrupted command in this process is the
+reference. Another launch checks that bad input fails on every rank with one line.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ pytest.importorskip(
 )
 pytestmark = pytest.mark.integration
 
-SRC = Path(__file__).parents[1] / "src"
+TESTS = Path(__file__).parent
+SRC = TESTS.parent / "src"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
@@ -58,20 +60,24 @@ def write_csv(path: Path, n: int = 12) -> Path:
     return path
 
 
-def torchrun(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], stop_after: int = 0) -> subprocess.CompletedProcess:
+    """``gradlora train ARGS`` on 2 processes; ``stop_after``: both stop after that step."""
     env = dict(os.environ, PYTHONPATH=str(SRC), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    what = ["-m", "gradlora.cli"]
+    if stop_after:
+        what = [str(TESTS / "_hooked_train.py"), "stop", str(stop_after)]
     return subprocess.run(
-        [*TORCHRUN, "-m", "gradlora.cli", *args],
+        [*TORCHRUN, *what, *args],
         env=env,
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=120,
     )
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(2-process output folder, 1-process output folder, torchrun's result, common args)."""
+    """(2-process output folder, 1-process output folder, the resumed torchrun's result, args)."""
     tmp = tmp_path_factory.mktemp("ddp")
     model, data = tiny_bert(tmp / "tiny"), write_csv(tmp / "reviews.csv")
     args = ["train", "--model", str(model), "--data", str(data), "--method", "lora-one"]
@@ -79,8 +85,15 @@ def runs(tmp_path_factory):
     # rank 1: in this tiny random BERT the query gradient has rank 1 (sigma_2 ~ 1e-13, rounding
     # noise), so a second singular direction would be arbitrary and differ between the runs
     args += ["--rank", "1", "--lr", "5e-3", "--save-every", "2", "--no-progress"]
-    proc = torchrun([*args, "--out", str(tmp / "two")])
+    args += ["--device", "cpu"]  # gloo, also on a machine with GPUs
+    cut = torchrun([*args, "--out", str(tmp / "two")], stop_after=2)
+    assert cut.returncode != 0 and "gradlora: interrupted" in cut.stderr, cut.stderr[-4000:]
+    ckpt = torch.load(tmp / "two" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["world_size"] == 2 and len(ckpt["rank_rng"]) == 2
+    assert not (tmp / "two" / "adapter").exists()
+    proc = torchrun([*args, "--out", str(tmp / "two"), "--resume"])
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("at step 2") == 1  # each rank resumed there; rank 0 says so
     assert main([*args, "--out", str(tmp / "one")]) == 0
     return tmp / "two", tmp / "one", proc, args
 
@@ -108,7 +121,8 @@ def test_two_processes_save_one_loadable_adapter_from_rank_0(runs):
 
 
 def test_two_processes_train_like_one_process_on_the_same_global_batches(runs):
-    """Same losses (the first one is the loss at the collective init) and same final adapter."""
+    """Same losses (the first one is the loss at the collective init) and the same final adapter,
+    though the 2-process run was stopped and resumed (each rank from the same checkpoint)."""
     two, one, _, _ = runs
     losses = [json.loads((d / "train.json").read_text())["losses"] for d in (two, one)]
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=0)
@@ -129,7 +143,17 @@ def test_resume_needs_as_many_processes_as_wrote_the_checkpoint(runs, capsys):
 def test_bad_input_fails_on_every_rank_with_one_line(tmp_path):
     data = write_csv(tmp_path / "reviews.csv")
     proc = torchrun(
-        ["train", "--data", str(data), "--batch-size", "5", "--out", str(tmp_path / "o")]
+        [
+            "train",
+            "--data",
+            str(data),
+            "--batch-size",
+            "5",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "o"),
+        ]
     )
     assert proc.returncode != 0  # torchrun's own exit status (and its report) on a failed worker
     line = "gradlora: error: --batch-size 5 does not split evenly over 2 processes"

@@ -37,6 +37,8 @@ examples:
   gradlora train --model smollm2 --data notes.jsonl --method lora --lr 5e-4 --out runs/notes
   gradlora train ... --save-every 50 --out runs/long    # then after an interruption:
   gradlora train ... --save-every 50 --out runs/long --resume
+  torchrun --nproc_per_node 4 -m gradlora.cli train ... --batch-size 32 --out runs/ddp
+      # data-parallel: 8 of each batch of 32 per process (GPU: NCCL, one per process; CPU: gloo)
 
 Data files: CSV, TSV, JSONL or JSON (a list of objects). With a label column (default "label")
 the task is classification; labels may be integers (class ids) or any strings ("pos"/"neg"),

@@ -14,6 +14,7 @@ rank's loss is a mean over its own tokens).
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,7 +65,11 @@ class Ranks:
         if not self.active:
             return model
         ids = [self.device.index] if self.device and self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        ddp = nn.parallel.DistributedDataParallel
+        # torch 2.13 renamed broadcast_buffers (and warns on the old name)
+        new = "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+        no_sync = {"forward_sync_buffers" if new else "broadcast_buffers": False}
+        return ddp(model, device_ids=ids, **no_sync)
 
     def mean(self, loss: torch.Tensor) -> float:
         """The mean of ``loss`` over the ranks (non-finite if any rank's is): every rank sees
