@@ -30,6 +30,7 @@ class Method:
     lr: dict[str, float]  # task kind -> default learning rate
     grid: dict[str, tuple[float, ...]]  # task kind -> learning rates of a sweep
     rslora: bool = False
+    init_options: tuple[tuple[str, Any], ...] = ()  # extra gradlora.initialize options
 
     @property
     def full(self) -> bool:
@@ -137,6 +138,28 @@ METHODS: dict[str, Method] = {
             LOW_GRID,
             2e-4,
             LM_LOW_GRID,
+        ),
+        _m(
+            "lora-ga-sketch",
+            "gradlora LoRA-GA init from the single-pass gradient sketch, AdamW",
+            "lora-ga",
+            "adamw",
+            5e-4,
+            LOW_GRID,
+            2e-4,
+            LM_LOW_GRID,
+            init_options=(("gradient", "sketch"),),
+        ),
+        _m(
+            "lora-ga-gamma64",
+            "gradlora LoRA-GA init with gamma=64 (a 2x smaller init), AdamW",
+            "lora-ga",
+            "adamw",
+            1e-3,
+            LORA_GRID,
+            5e-4,
+            LM_GRID,
+            init_options=(("gamma", 64),),
         ),
         _m(
             "lora-one",
@@ -271,6 +294,7 @@ def build(
             method=method.init,
             num_batches=init_batches,
             progress=progress,
+            **dict(method.init_options),
         )
         summary = report.summary()
     init_seconds = time.perf_counter() - start if method.init is not None else 0.0
