@@ -165,3 +165,47 @@ def reference_gradients(original: torch.nn.Module, batches, module_names, loss_f
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+def train_steps(model, opt, batches, steps, sched=None, clip=None) -> list[float]:
+    """``steps`` optimizer steps cycling over ``batches``; returns the losses."""
+    model.train()
+    losses = []
+    for i in range(steps):
+        opt.zero_grad()
+        loss = model(**batches[i % len(batches)]).loss
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_resume_is_exact(model, make_opt, fresh_model, batches, before: int, after: int):
+    """Train ``before`` steps, checkpoint (trainable weights + optimizer state through
+    ``torch.load(weights_only=True)``), train ``after`` more; then restore the checkpoint into
+    ``fresh_model`` with a new optimizer, train ``after`` steps: every parameter bit-identical."""
+    import io
+
+    opt = make_opt(model)
+    train_steps(model, opt, batches, before)
+    buf = io.BytesIO()
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"opt": opt.state_dict(), "params": trainable}, buf)
+    train_steps(model, opt, batches, after)
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    with torch.no_grad():
+        for n, p in fresh_model.named_parameters():
+            if n in ckpt["params"]:
+                p.copy_(ckpt["params"][n])
+    opt2 = make_opt(fresh_model)
+    opt2.load_state_dict(ckpt["opt"])
+    train_steps(fresh_model, opt2, batches, after)
+    pairs = zip(model.named_parameters(), fresh_model.named_parameters(), strict=True)
+    for (n, p), (_, q) in pairs:
+        assert torch.equal(p, q), n

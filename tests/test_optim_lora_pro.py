@@ -1,9 +1,15 @@
-import io
 import logging
 
 import pytest
 import torch
-from conftest import lora_config, make_batches, tiny_base, tiny_peft
+from conftest import (
+    assert_resume_is_exact,
+    lora_config,
+    make_batches,
+    tiny_base,
+    tiny_peft,
+    train_steps,
+)
 from peft import get_peft_model
 
 import gradlora
@@ -106,7 +112,7 @@ def test_zero_B_gives_finite_updates_and_vanilla_lora_trains():
     for mode in ("efficient", "full"):
         model, _ = tiny_peft("llama")
         opt = create_lora_pro_optimizer(model, lr=1e-2, mode=mode)
-        losses = _train(model, opt, batches, 9)
+        losses = train_steps(model, opt, batches, 9)
         assert all(torch.isfinite(torch.tensor(losses))), mode
         assert losses[6] < losses[0], mode  # same batch, two passes later
 
@@ -178,43 +184,17 @@ def _hand(hyper):
     return dict(lr=hyper["lr"], betas=hyper["betas"], eps=hyper["eps"], wd=hyper["weight_decay"])
 
 
-def _train(model, opt, batches, steps, clip=None):
-    model.train()
-    losses = []
-    for i in range(steps):
-        opt.zero_grad()
-        loss = model(**batches[i % len(batches)]).loss
-        loss.backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.mark.parametrize("mode", ["efficient", "full"])
 def test_resume_follows_identical_trajectory(mode):
-    batches = make_batches("gpt2", n=4)
     model, _ = tiny_peft("gpt2")
-    opt = create_lora_pro_optimizer(model, lr=1e-2, mode=mode, weight_decay=0.01)
-    _train(model, opt, batches, 3)
-    buf = io.BytesIO()
-    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save({"opt": opt.state_dict(), "params": trainable}, buf)
-    _train(model, opt, batches, 3)
-
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed, _ = tiny_peft("gpt2")
-    with torch.no_grad():
-        for n, p in resumed.named_parameters():
-            if n in ckpt["params"]:
-                p.copy_(ckpt["params"][n])
-    opt2 = create_lora_pro_optimizer(resumed, lr=1e-2, mode=mode, weight_decay=0.01)
-    opt2.load_state_dict(ckpt["opt"])
-    _train(resumed, opt2, batches, 3)
-    for (n, p), (_, q) in zip(model.named_parameters(), resumed.named_parameters(), strict=True):
-        assert torch.equal(p, q), n
+    assert_resume_is_exact(
+        model,
+        lambda m: create_lora_pro_optimizer(m, lr=1e-2, mode=mode, weight_decay=0.01),
+        tiny_peft("gpt2")[0],
+        make_batches("gpt2", n=4),
+        before=3,
+        after=3,
+    )
 
 
 def test_scaling_is_read_from_each_layer():
@@ -241,7 +221,7 @@ def test_plain_loop_with_clipping_trains_adapter_and_head_never_base():
         if "classifier" in n and p.requires_grad
     }
     opt = create_lora_pro_optimizer(model, lr=1e-2, weight_decay=0.1)
-    losses = _train(model, opt, make_batches("bert"), 6, clip=0.5)
+    losses = train_steps(model, opt, make_batches("bert"), 6, clip=0.5)
     assert all(torch.isfinite(torch.tensor(losses)))
     for n, p in model.named_parameters():
         if n in frozen:
@@ -269,7 +249,7 @@ def test_lora_ga_init_then_lora_pro():
     model, _ = tiny_peft("llama")
     gradlora.initialize(model, batches, method="lora-ga", num_batches=2, progress=False)
     opt = create_lora_pro_optimizer(model, lr=5e-3)
-    losses = _train(model, opt, batches, 9)
+    losses = train_steps(model, opt, batches, 9)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[8] < losses[0]  # same batch, two passes later
 
@@ -277,7 +257,7 @@ def test_lora_ga_init_then_lora_pro():
 def test_bf16_base_with_fp32_adapters():
     model = get_peft_model(tiny_base("llama").to(torch.bfloat16), lora_config("llama"))
     opt = create_lora_pro_optimizer(model, lr=1e-2)
-    losses = _train(model, opt, make_batches("llama"), 6)
+    losses = train_steps(model, opt, make_batches("llama"), 6)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[3] < losses[0]
     assert opt.state[find_lora_pairs(model)[0].A]["exp_avg"].dtype == torch.float32
 

@@ -1,8 +1,6 @@
-import io
-
 import pytest
 import torch
-from conftest import lora_config, make_batches, tiny_peft
+from conftest import assert_resume_is_exact, lora_config, make_batches, tiny_peft, train_steps
 
 import gradlora
 from gradlora.optim import (
@@ -143,39 +141,18 @@ def test_two_adapters_only_active_is_paired_or_clear_error():
         create_preconditioned_optimizer(model, lr=1e-3)
 
 
-def _train(model, opt, batches, steps, sched=None):
-    model.train()
-    for i in range(steps):
-        opt.zero_grad()
-        model(**batches[i % len(batches)]).loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-
-
 def test_resume_from_checkpoint_follows_identical_trajectory():
     batches = make_batches("gpt2", n=4)
     model, _ = tiny_peft("gpt2")
     gradlora.initialize(model, batches, method="lora-one", num_batches=2, progress=False)
-    opt = create_preconditioned_optimizer(model, lr=1e-2, weight_decay=0.01)
-    _train(model, opt, batches, 3)
-    buf = io.BytesIO()
-    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save({"opt": opt.state_dict(), "params": trainable}, buf)
-    _train(model, opt, batches, 4)
-
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed, _ = tiny_peft("gpt2")
-    with torch.no_grad():
-        for n, p in resumed.named_parameters():
-            if n in ckpt["params"]:
-                p.copy_(ckpt["params"][n])
-    opt2 = create_preconditioned_optimizer(resumed, lr=1e-2, weight_decay=0.01)
-    opt2.load_state_dict(ckpt["opt"])
-    _train(resumed, opt2, batches, 4)
-    for (n, p), (_, q) in zip(model.named_parameters(), resumed.named_parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+    assert_resume_is_exact(
+        model,
+        lambda m: create_preconditioned_optimizer(m, lr=1e-2, weight_decay=0.01),
+        tiny_peft("gpt2")[0],
+        batches,
+        before=3,
+        after=4,
+    )
 
 
 def test_lr_scheduler_drives_the_step():
@@ -183,10 +160,10 @@ def test_lr_scheduler_drives_the_step():
     opt = create_preconditioned_optimizer(model, lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0 if step >= 1 else 1.0)
     batches = make_batches("llama")
-    _train(model, opt, batches, 1, sched)
+    train_steps(model, opt, batches, 1, sched)
     assert all(g["lr"] == 0.0 for g in opt.param_groups)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    _train(model, opt, batches, 2, sched)
+    train_steps(model, opt, batches, 2, sched)
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n  # lr 0 (and no weight decay): nothing moves
