@@ -158,5 +158,8 @@ def test_bad_input_fails_on_every_rank_with_one_line(tmp_path):
     assert proc.returncode != 0  # torchrun's own exit status (and its report) on a failed worker
     line = "gradlora: error: --batch-size 5 does not split evenly over 2 processes"
     assert proc.stderr.count(line) == 2, proc.stderr[-3000:]
-    assert proc.stderr.count("exitcode  : 2") == 2  # both ranks exited with gradlora's 2
+    # torchrun reports every worker that failed before it noticed the first one and stops the
+    # rest, so how many "exitcode 2" lines it prints depends on timing; each rank's own
+    # one-line error above is what shows both refused the input
+    assert proc.stderr.count("exitcode  : 2") >= 1
     assert "/gradlora/" not in proc.stderr  # no traceback through gradlora's code
