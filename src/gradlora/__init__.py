@@ -1,17 +1,18 @@
 """gradlora: gradient-informed LoRA (LoRA-GA, LoRA-One, LoRA-Pro) on any Hugging Face model through peft."""
 
 from ._version import __version__
-from .api import InitReport, LayerReport, initialize
+from .adapter_io import load_adapter, save_adapter
 from .capture import estimate_gradients
 from .errors import GradLoraError
+from .initialization import InitReport, LayerReport, initialize
+from .integrations.transformers import GradLoraCallback
 from .optim import (
     LoraProAdamW,
     PreconditionedAdamW,
     create_lora_pro_optimizer,
+    create_optimizer,
     create_preconditioned_optimizer,
 )
-from .peft_bridge import load_adapter, save_adapter
-from .trainer import GradLoraCallback, create_optimizer
 
 __all__ = [
     "GradLoraCallback",

@@ -1,4 +1,4 @@
-"""Gradient estimation at the pre-trained weights (ALGORITHMS.md 1).
+"""Gradient estimation at the pre-trained weights (docs/algorithms.md, section 1).
 
 G = mean over N batches of dL_b/dW for every LoRA-targeted base weight W (m, n), in fp32.
 The engine (``capture``) runs forward/backward passes with only the target weights requiring
@@ -24,7 +24,9 @@ from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from .errors import GradLoraError
-from .peft_bridge import LoraTarget, adapters_disabled, find_targets
+from .flags import ModuleFlags
+from .precision import math_dtype
+from .targets import LoraTarget, find_targets
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -58,7 +60,7 @@ class ExactAccumulator:
         self.target = target
         self.hits = 0
         m, n = target.shape
-        dtype = torch.promote_types(target.weight.dtype, torch.float32)  # fp32, fp64 for fp64
+        dtype = math_dtype(target.weight)
         self.total = torch.zeros(m, n, dtype=dtype, device=target.weight.device)
 
     def attach(self) -> list[RemovableHandle]:
@@ -189,6 +191,22 @@ def _input_device(model: nn.Module) -> torch.device:
 
 
 @contextmanager
+def adapters_disabled(targets: list[LoraTarget]):
+    """Bypass the LoRA branch of each target layer (heads in modules_to_save stay active).
+
+    Restores each layer's disabled flag on exit; callers restore requires_grad flags themselves.
+    """
+    previous = [t.layer.disable_adapters for t in targets]
+    for t in targets:
+        t.layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for t, was in zip(targets, previous, strict=True):
+            t.layer._disable_adapters = was
+
+
+@contextmanager
 def capture_mode(model: nn.Module, targets: list[LoraTarget], grad_weights: list[nn.Parameter]):
     """Train mode, LoRA branches bypassed, grad only on ``grad_weights``; all restored on exit.
 
@@ -197,8 +215,7 @@ def capture_mode(model: nn.Module, targets: list[LoraTarget], grad_weights: list
     during capture does not shift the caller's random stream).
     """
     params = list(model.parameters())
-    requires = [p.requires_grad for p in params]
-    modes = [(m, m.training) for m in model.modules()]
+    flags = ModuleFlags(model)
     grads = [(t.weight, t.weight.grad) for t in targets]
     cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     with ExitStack() as stack:
@@ -214,10 +231,7 @@ def capture_mode(model: nn.Module, targets: list[LoraTarget], grad_weights: list
             with torch.enable_grad():
                 yield
         finally:
-            for p, flag in zip(params, requires, strict=True):
-                p.requires_grad_(flag)
-            for module, flag in modes:
-                module.training = flag
+            flags.restore()
             for weight, grad in grads:
                 weight.grad = grad
 

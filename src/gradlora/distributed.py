@@ -24,35 +24,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from .errors import GradLoraError
-
-_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / DataParallel / torch.compile wrappers.
-
-    Initializing through DDP's forward would run DDP's own gradient all-reduce on parameters
-    the capture does not train; gradlora works on the inner module and reduces itself.
-    FSDP shards the weights, so it is refused: initialize before wrapping in FSDP.
-    """
-    while True:
-        if isinstance(model, _WRAPPERS):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod  # torch.compile's OptimizedModule
-        else:
-            break
-    if type(model).__name__ in ("FullyShardedDataParallel",) or type(model).__name__.startswith(
-        "FSDP"
-    ):
-        raise GradLoraError(
-            f"the model is wrapped in {type(model).__name__}, whose weights are sharded; call "
-            "gradlora.initialize on the PeftModel before wrapping it in FSDP"
-        )
-    return model
 
 
 def world_size(group: Any = None) -> int:

@@ -1,4 +1,4 @@
-"""LoRA-GA and LoRA-One initializations as pure functions on tensors (ALGORITHMS.md 2, 3).
+"""LoRA-GA and LoRA-One initializations as pure functions on tensors (docs/algorithms.md, sections 2 and 3).
 
 Shapes follow peft: a layer's weight W is (m, n) = (out, in), ``A`` is (r, n), ``B`` is (m, r),
 and the adapter adds ``s * B @ A``. ``G`` (m, n) is dL/dW at the pre-trained weights.
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .errors import GradLoraError
+from .precision import math_dtype
 from .spectral import SvdMethod, top_svd
 
 Direction = Literal["ArB2r", "A2rBr", "ArBr"]
@@ -86,7 +87,7 @@ class LoraOne:
         return (root[:, None] * V[:, :r].T).contiguous(), (-U[:, :r] * root).contiguous()
 
 
-METHODS = {cls.name: cls for cls in (LoraGA, LoraOne)}
+INIT_METHODS = {cls.name: cls for cls in (LoraGA, LoraOne)}
 
 
 def _check_choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -102,9 +103,9 @@ def _check_common(opts) -> None:
 
 def make_method(method: str, **options) -> LoraGA | LoraOne:
     """Parse ``initialize``'s method name and options into a frozen options object."""
-    cls = METHODS.get(method)
+    cls = INIT_METHODS.get(method)
     if cls is None:
-        raise GradLoraError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise GradLoraError(f"unknown method {method!r}; choose one of {', '.join(INIT_METHODS)}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -165,6 +166,6 @@ def offset_weight(W: Tensor, A0: Tensor, B0: Tensor, scaling: float) -> Tensor:
     W (m, n), A0 (r, n), B0 (m, r). Pass the A0, B0 exactly as stored in the adapter (after
     casting to its dtype) so that W' + s B0 A0 reproduces W up to W's rounding.
     """
-    dtype = torch.promote_types(W.dtype, torch.float32)
+    dtype = math_dtype(W)
     delta = B0.to(dtype) @ A0.to(dtype)
     return (W.to(dtype) - scaling * delta).to(W.dtype)

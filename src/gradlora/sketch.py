@@ -1,4 +1,4 @@
-"""Sketch mode (ALGORITHMS.md 1): the top singular triplets of each target's G, never forming G.
+"""Sketch mode (docs/algorithms.md, section 1): the top singular triplets of each target's G, never forming G.
 
 Pass 1 runs the N batches once and accumulates, per layer, the range sketch Y = G Omega (m, s)
 and, for a single pass, the co-range sketch Z = Psi G (l, n); Omega (n, s) and Psi (l, m) are
@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from .capture import LossFn, SketchAccumulator, capture
 from .errors import GradLoraError
-from .peft_bridge import LoraTarget
 from .spectral import factored_svd, gaussian_test_matrix, orthonormal_basis, sketch_svd
+from .targets import LoraTarget
 
 
 @dataclass

@@ -12,14 +12,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .precision import math_dtype
+
 SvdMethod = Literal["auto", "exact", "randomized"]
 
 # "auto" uses the exact SVD up to this many rows/columns on the short side.
 EXACT_SVD_MAX_DIM = 512
-
-
-def _compute_dtype(matrix: Tensor) -> torch.dtype:
-    return torch.float64 if matrix.dtype == torch.float64 else torch.float32
 
 
 def fix_signs(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
@@ -36,7 +34,7 @@ def fix_signs(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
 
 def exact_svd(matrix: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k triplets of ``matrix`` (m, n) from the full thin SVD (LAPACK / cuSOLVER)."""
-    M = matrix.to(_compute_dtype(matrix))
+    M = matrix.to(math_dtype(matrix))
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     U, V = fix_signs(U[:, :k], Vh[:k].T)
     return U.contiguous(), S[:k].contiguous(), V.contiguous()
@@ -57,7 +55,7 @@ def randomized_svd(
     with QR each time. The Gaussian test matrix comes from a private generator seeded with
     ``seed``, so the global RNG is never touched.
     """
-    M = matrix.to(_compute_dtype(matrix))
+    M = matrix.to(math_dtype(matrix))
     m, n = M.shape
     q = min(k + (k if oversample is None else oversample), m, n)
     gen = torch.Generator(device=M.device).manual_seed(seed)
@@ -104,7 +102,7 @@ def best_rank_approx(matrix: Tensor, k: int) -> Tensor:
     return (U * S) @ V.T
 
 
-# --- low-rank reconstruction from sketches (ALGORITHMS.md 1, sketch mode) ---
+# --- low-rank reconstruction from sketches (docs/algorithms.md, section 1, sketch mode) ---
 
 
 def gaussian_test_matrix(
@@ -121,7 +119,7 @@ def orthonormal_basis(Y: Tensor) -> Tensor:
 
     Householder QR: Q stays orthonormal even when Y is rank-deficient.
     """
-    return torch.linalg.qr(Y.to(_compute_dtype(Y))).Q
+    return torch.linalg.qr(Y.to(math_dtype(Y))).Q
 
 
 def factored_svd(L: Tensor, R: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -131,7 +129,7 @@ def factored_svd(L: Tensor, R: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     then M = (Q_L u) diag(S) (Q_R v)^T. Cost O((m + n) p^2). Returns U (m, k), S (k,), V (n, k)
     with deterministic signs (``fix_signs``); requires k <= p.
     """
-    dtype = torch.promote_types(_compute_dtype(L), _compute_dtype(R))
+    dtype = torch.promote_types(math_dtype(L), math_dtype(R))
     QL, TL = torch.linalg.qr(L.to(dtype))
     QR, TR = torch.linalg.qr(R.to(dtype))
     u, S, vh = torch.linalg.svd(TL @ TR.T)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import GradLoraError
+from ..precision import math_dtype
 
 
 def check_hyperparameters(lr: float, betas: tuple[float, float], damping: float) -> None:
@@ -27,16 +28,38 @@ def check_hyperparameters(lr: float, betas: tuple[float, float], damping: float)
         raise GradLoraError(f"damping must be > 0 (it keeps B = 0 finite), got {damping}")
 
 
-def state_dtype(t: Tensor) -> torch.dtype:
-    """fp32, or the tensor's dtype if it is wider (fp64)."""
-    return torch.promote_types(t.dtype, torch.float32)
-
-
 def init_moments(p: Tensor, state: dict[str, Any]) -> None:
     if not state:
         state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p))
-        state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype(p))
+        state["exp_avg"] = torch.zeros_like(p, dtype=math_dtype(p))
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=math_dtype(p))
+
+
+def adam_direction_(
+    state: dict[str, Any],
+    g: Tensor,
+    *,
+    betas: tuple[float, float],
+    eps: float,
+    bias_correction: bool,
+) -> Tensor:
+    """Update the moments in ``state`` with ``g`` (created, zero, like ``g`` on the first call)
+    and return Adam's direction m̂ / (sqrt(v̂) + eps), a new tensor in the moments' dtype.
+
+    The one Adam moment update: ``adamw_update_`` steps a parameter with it, and LoRA-Pro's
+    full mode applies it to the (m, n) equivalent gradient.
+    """
+    beta1, beta2 = betas
+    init_moments(g, state)
+    state["step"] += 1
+    t = state["step"]
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    g = g.to(m.dtype)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if bias_correction:
+        return (m / (1 - beta1**t)).div_((v / (1 - beta2**t)).sqrt_().add_(eps))
+    return m / v.sqrt().add_(eps)
 
 
 def adamw_update_(
@@ -50,19 +73,10 @@ def adamw_update_(
     weight_decay: float,
     bias_correction: bool,
 ) -> None:
-    """One decoupled AdamW step on ``p`` from gradient ``g`` (the formula in the module doc)."""
-    beta1, beta2 = betas
+    """One decoupled AdamW step on ``p`` from gradient ``g`` (the formula in the module doc):
+    the reference that ``adamw_foreach_`` is tested against."""
     init_moments(p, state)
-    state["step"] += 1
-    t = state["step"]
-    m, v = state["exp_avg"], state["exp_avg_sq"]
-    g = g.to(m.dtype)
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    if bias_correction:
-        update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt_().add_(eps))
-    else:
-        update = m / v.sqrt().add_(eps)
+    update = adam_direction_(state, g, betas=betas, eps=eps, bias_correction=bias_correction)
     if weight_decay:
         p.mul_(1 - lr * weight_decay)
     p.add_(update.to(p.dtype), alpha=-lr)

@@ -1,4 +1,4 @@
-"""LoRA-Pro (ALGORITHMS.md 4): adjust the LoRA gradients so that the low-rank step is the one
+"""LoRA-Pro (docs/algorithms.md, section 4): adjust the LoRA gradients so that the low-rank step is the one
 closest to the full fine-tuning gradient.
 
 Per pair A (r, n), B (m, r) with scaling s, autograd gives g_A = s Bᵀ g and g_B = s g Aᵀ for
@@ -28,40 +28,24 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..errors import GradLoraError
-from .adamw import adamw_foreach_, check_hyperparameters, state_dtype
+from ..precision import math_dtype
+from .adamw import adam_direction_, adamw_foreach_, check_hyperparameters
+from .gram import damped_eigh, inverse_from_eigh, solve_sylvester_psd
 from .pairing import check_pair_group, group_by_rank, pair_param_groups, split_trainable
 
 log = logging.getLogger("gradlora")
 MODES = ("efficient", "full")
 
 
-def psd_eigh(M: Tensor, damping: float) -> tuple[Tensor, Tensor]:
-    """(λ + damping, P) with M = P diag(λ) Pᵀ; M (..., r, r) symmetric PSD, λ clamped at 0."""
-    lam, P = torch.linalg.eigh(M)
-    return lam.clamp_min(0).add_(damping), P
-
-
-def solve_sylvester_psd(P: Tensor, lam: Tensor, Q: Tensor, mu: Tensor, C: Tensor) -> Tensor:
-    """X (..., r, r) with (P diag(λ) Pᵀ) X + X (Q diag(μ) Qᵀ) = C.
-
-    X = P [(Pᵀ C Q) ⊘ (λ_i + μ_j)] Qᵀ; every λ_i + μ_j > 0 when both are damped.
-    """
-    return P @ ((P.mT @ C @ Q) / (lam[..., :, None] + mu[..., None, :])) @ Q.mT
-
-
-def _inverse(P: Tensor, lam: Tensor) -> Tensor:
-    return (P / lam[..., None, :]) @ P.mT
-
-
 def lora_pro_adjust(
     g_A: Tensor, g_B: Tensor, A: Tensor, B: Tensor, scaling: float, damping: float = 1e-6
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(g_A' (r, n), g_B' (m, r), X (r, r)) for one pair, in fp32 or wider (module doc)."""
-    dtype = state_dtype(A)
+    dtype = math_dtype(A)
     A, B, g_A, g_B = (t.detach().to(dtype) for t in (A, B, g_A, g_B))
-    lam, P = psd_eigh(B.T @ B, damping)
-    mu, Q = psd_eigh(A @ A.T, damping)
-    B_inv, A_inv = _inverse(P, lam), _inverse(Q, mu)
+    lam, P = damped_eigh(B.T @ B, damping)
+    mu, Q = damped_eigh(A @ A.T, damping)
+    B_inv, A_inv = inverse_from_eigh(P, lam), inverse_from_eigh(Q, mu)
     s2 = scaling**2
     a0 = B_inv @ g_A / s2
     X = solve_sylvester_psd(P, lam, Q, mu, -a0 @ A.T)
@@ -75,11 +59,11 @@ def equivalent_gradient(
 ) -> Tensor:
     """g̃ (m, n) = s (B g_A' + g_B' A) = P_B g + (I - P_B) g P_A, written with X = 0
     (X cancels in g̃): (1/s) [B (BᵀB)⁻¹ g_A + (I - P_B) g_B (AAᵀ)⁻¹ A]."""
-    dtype = state_dtype(A)
+    dtype = math_dtype(A)
     A, B, g_A, g_B = (t.detach().to(dtype) for t in (A, B, g_A, g_B))
-    lam, P = psd_eigh(B.T @ B, damping)
-    mu, Q = psd_eigh(A @ A.T, damping)
-    B_inv, A_inv = _inverse(P, lam), _inverse(Q, mu)
+    lam, P = damped_eigh(B.T @ B, damping)
+    mu, Q = damped_eigh(A @ A.T, damping)
+    B_inv, A_inv = inverse_from_eigh(P, lam), inverse_from_eigh(Q, mu)
     left = (g_B - B @ (B_inv @ (B.T @ g_B))) @ A_inv
     return (B @ (B_inv @ g_A) + left @ A) / scaling
 
@@ -89,15 +73,15 @@ class PairBatch:
     the BᵀB and AAᵀ stacks (L, r, r). Factors are read once, at construction."""
 
     def __init__(self, As: list[Tensor], Bs: list[Tensor], scalings: list[float], damping: float):
-        dtype = state_dtype(As[0])
+        dtype = math_dtype(As[0])
         self.As = [A.detach().to(dtype) for A in As]
         self.Bs = [B.detach().to(dtype) for B in Bs]
         device = self.As[0].device
         self.s = torch.tensor(scalings, dtype=dtype, device=device)[:, None, None]
-        self.lam, self.P = psd_eigh(torch.stack([B.T @ B for B in self.Bs]), damping)
-        self.mu, self.Q = psd_eigh(torch.stack([A @ A.T for A in self.As]), damping)
-        self.B_inv = _inverse(self.P, self.lam)
-        self.A_inv = _inverse(self.Q, self.mu)
+        self.lam, self.P = damped_eigh(torch.stack([B.T @ B for B in self.Bs]), damping)
+        self.mu, self.Q = damped_eigh(torch.stack([A @ A.T for A in self.As]), damping)
+        self.B_inv = inverse_from_eigh(self.P, self.lam)
+        self.A_inv = inverse_from_eigh(self.Q, self.mu)
 
     def adjust(self, g_As: list[Tensor], g_Bs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """[g_A'], [g_B'] for every pair: ``lora_pro_adjust`` batched over the r x r work."""
@@ -225,7 +209,13 @@ class LoraProAdamW(Optimizer):
         D_As, D_Bs = [], []
         for i, A in enumerate(As):  # one (m, n) g̃ and D live at a time
             # the moments of g̃ live in A's state; D = m̂ / (sqrt(v̂) + eps) is AdamW's direction
-            D = _adam_direction(self.state[A], batch.equivalent(i, g_As[i], g_Bs[i]), **hyper)
+            D = adam_direction_(
+                self.state[A],
+                batch.equivalent(i, g_As[i], g_Bs[i]),
+                betas=hyper["betas"],
+                eps=hyper["eps"],
+                bias_correction=hyper["bias_correction"],
+            )
             D_As.append(batch.s[i] * (batch.Bs[i].T @ D))
             D_Bs.append(batch.s[i] * (D @ batch.As[i].T))
             del D
@@ -234,31 +224,6 @@ class LoraProAdamW(Optimizer):
             if wd:
                 p.mul_(1 - lr * wd)
             p.add_(d.to(p.dtype), alpha=-lr)
-
-
-def _adam_direction(
-    state: dict[str, Any],
-    g: Tensor,
-    *,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    bias_correction: bool,
-) -> Tensor:
-    """Update the (m, n) moments with g̃ and return m̂ / (sqrt(v̂) + eps)."""
-    beta1, beta2 = betas
-    if not state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(g)
-        state["exp_avg_sq"] = torch.zeros_like(g)
-    state["step"] += 1
-    t = state["step"]
-    m, v = state["exp_avg"], state["exp_avg_sq"]
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    c1, c2 = (1 - beta1**t, 1 - beta2**t) if bias_correction else (1.0, 1.0)
-    return (m / c1).div_((v / c2).sqrt_().add_(eps))
 
 
 def _check_group(group: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..errors import GradLoraError
-from ..peft_bridge import find_targets
+from ..targets import find_targets
 
 _LORA_PARAM_MARKERS = (
     ".lora_A.",

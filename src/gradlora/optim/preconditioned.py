@@ -1,4 +1,4 @@
-"""Preconditioned (scaled / Riemannian) AdamW for LoRA pairs, as used by LoRA-One (ALGORITHMS.md 3).
+"""Preconditioned (scaled / Riemannian) AdamW for LoRA pairs, as used by LoRA-One (docs/algorithms.md, section 3).
 
 Per (A (r, n), B (m, r)) pair, with both factors taken before the step:
     g_A <- (B^T B + lambda I)^-1 g_A,    g_B <- g_B (A A^T + lambda I)^-1
@@ -16,25 +16,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..errors import GradLoraError
+from ..precision import math_dtype
 from .adamw import adamw_foreach_, check_hyperparameters
+from .gram import damped_inverse, gram_inverses
 from .pairing import check_pair_group, group_by_rank, pair_param_groups, split_trainable
-
-
-def _solve_dtype(t: Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-def damped_inverse(grams: Tensor, damping: float) -> Tensor:
-    """(G + λI)^-1 for symmetric PSD G (..., r, r), through G's eigendecomposition with its
-    eigenvalues clamped at 0, so every eigenvalue of the result is in (0, 1/λ].
-
-    A plain solve fails when G + λI is singular in floating point: in fp32 a λ below the
-    rounding of G's diagonal (entries above about λ/eps, e.g. |B|^2 >= 17 at λ = 1e-6) is lost,
-    and an (exactly or numerically) rank-deficient B then gives a singular system and an error
-    mid-training. Here λ is added after the eigendecomposition and is never lost.
-    """
-    lam, P = torch.linalg.eigh(grams)
-    return (P / (lam.clamp_min(0) + damping).unsqueeze(-2)) @ P.mT
 
 
 def precondition(
@@ -46,7 +31,7 @@ def precondition(
     from ``damped_inverse``: finite for any λ > 0, also for B = 0 (vanilla LoRA's init) and for
     rank-deficient B or A.
     """
-    dtype = _solve_dtype(A)
+    dtype = math_dtype(A)
     out_A = out_B = None
     if g_A is not None:
         Bf = B.detach().to(dtype)
@@ -55,15 +40,6 @@ def precondition(
         Af = A.detach().to(dtype)
         out_B = g_B.to(dtype) @ damped_inverse(Af @ Af.T, damping)
     return out_A, out_B
-
-
-def gram_inverses(mats: list[Tensor], left: bool, damping: float) -> Tensor:
-    """(L, r, r) stack of (MᵀM + λI)⁻¹ (left=True, M = B (m, r)) or (MMᵀ + λI)⁻¹ (M = A (r, n)),
-    one batched ``damped_inverse`` for all L matrices of equal rank r, in at least fp32."""
-    dtype = _solve_dtype(mats[0])
-    Ms = [M.detach().to(dtype) for M in mats]
-    grams = torch.stack([M.T @ M if left else M @ M.T for M in Ms])
-    return damped_inverse(grams, damping)
 
 
 class PreconditionedAdamW(Optimizer):

@@ -6,9 +6,13 @@ import argparse
 import sys
 import warnings
 
-from .errors import GradLoraError
-from .methods import METHODS
+from ..errors import GradLoraError
+from .bench import run_bench
+from .config import BenchConfig, TrainConfig
+from .recipes import RECIPES
+from .report import format_table
 from .tasks import DATASETS, MODELS
+from .train import main_train
 
 BENCH_EPILOG = """\
 examples:
@@ -54,7 +58,7 @@ fine-tuning), OUT/train.json (settings, losses, validation and test metrics).
 def _methods_help() -> str:
     return "; ".join(
         f"{name}: {m.about} (lr {m.lr['classification']:g} / LM {m.lr['causal-lm']:g})"
-        for name, m in METHODS.items()
+        for name, m in RECIPES.items()
     )
 
 
@@ -81,9 +85,9 @@ def _lr_grids(items: list[str]) -> dict[str, list[float]]:
     out = {}
     for item in items:
         method, sep, values = item.partition("=")
-        if not sep or method not in METHODS:
+        if not sep or method not in RECIPES:
             raise GradLoraError(
-                f"--lrs takes METHOD=LR[,LR...] with METHOD in {', '.join(METHODS)}; got {item!r}"
+                f"--lrs takes METHOD=LR[,LR...] with METHOD in {', '.join(RECIPES)}; got {item!r}"
             )
         try:
             out[method] = _floats(values)
@@ -95,9 +99,9 @@ def _lr_grids(items: list[str]) -> dict[str, list[float]]:
 
 
 def _check_methods(names: list[str]) -> None:
-    unknown = [m for m in names if m not in METHODS]
+    unknown = [m for m in names if m not in RECIPES]
     if unknown or not names:
-        raise GradLoraError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise GradLoraError(f"unknown method(s) {unknown}; choose from {', '.join(RECIPES)}")
 
 
 def _common(p: argparse.ArgumentParser, steps: int, batch: int | None, length: int | None) -> None:
@@ -253,34 +257,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _defaults_for(args, kind: str) -> None:
-    if args.batch_size is None:
-        args.batch_size = 32 if kind == "classification" else 8
-    if args.max_length is None:
-        args.max_length = 64 if kind == "classification" else 128
-
-
-def _guess_kind(data: str, text_column: str = "text", label_column: str = "label") -> str:
-    """Batch size and length defaults are needed before the data is read: guess from the name."""
-    if data == "hamlet":
-        return "causal-lm"
-    if data == "rotten-tomatoes":
-        return "classification"
-    from pathlib import Path
-
-    from .tasks import read_data_file
-
-    path = Path(data).expanduser()
-    if not path.exists():
-        return "classification"  # load_task reports the missing file
-    data_, _ = read_data_file(path, text_column, label_column)
-    return "classification" if data_.labels is not None else "causal-lm"
+def _run_fields(args) -> dict:
+    """The RunConfig fields common to both commands, from their shared arguments."""
+    return dict(
+        model=args.model,
+        data=args.data,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        rank=args.rank,
+        alpha=args.alpha,
+        init_batches=args.init_batches,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        warmup_steps=args.warmup_steps,
+        val_size=args.val_size,
+        test_size=args.test_size,
+        num_layers=args.num_layers,
+        device=args.device,
+        progress=not args.no_progress,
+    )
 
 
 def _bench(args) -> int:
-    from .bench import BenchConfig, run_bench
-    from .report import format_table
-
     methods = _names(args.methods)
     _check_methods(methods)
     extra = None if args.extra_seeds_for is None else _names(args.extra_seeds_for)
@@ -290,30 +289,14 @@ def _bench(args) -> int:
         seeds = _ints(args.seeds)
     except ValueError:
         raise GradLoraError(f"--seeds takes integers like 0,1,2; got {args.seeds!r}") from None
-    _defaults_for(args, _guess_kind(args.data))
     cfg = BenchConfig(
-        model=args.model,
-        data=args.data,
+        **_run_fields(args),
         methods=methods,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        rank=args.rank,
-        alpha=args.alpha,
         lrs=_lr_grids(args.lrs),
         sweep=not args.no_sweep,
         seeds=seeds,
         extra_seeds_for=extra,
-        init_batches=args.init_batches,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        warmup_steps=args.warmup_steps,
-        val_size=args.val_size,
-        test_size=args.test_size,
-        num_layers=args.num_layers,
         select=args.select,
-        device=args.device,
-        progress=not args.no_progress,
     )
     results, bench = run_bench(cfg, args.out)
     print(format_table(results))
@@ -324,8 +307,24 @@ def _bench(args) -> int:
     return 1 if bench.failed else 0
 
 
+def _train(args) -> int:
+    _check_methods([args.method])
+    cfg = TrainConfig(
+        **_run_fields(args),
+        method=args.method,
+        lr=args.lr,
+        seed=args.seed,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        save_every=args.save_every,
+        resume=args.resume,
+        out=args.out,
+    )
+    return main_train(cfg)
+
+
 def _list_methods() -> int:
-    for name, m in METHODS.items():
+    for name, m in RECIPES.items():
         print(f"{name:18s} {m.about}")
         for kind in ("classification", "causal-lm"):
             grid = ", ".join(f"{v:g}" for v in m.grid[kind])
@@ -342,10 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return _bench(args)
         if args.command == "train":
-            from .finetune import main_train
-
-            _check_methods([args.method])
-            return main_train(args, _defaults_for, _guess_kind)
+            return _train(args)
         return _list_methods()
     except GradLoraError as err:
         print(f"gradlora: error: {err}", file=sys.stderr)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import GradLoraError
+from ..errors import GradLoraError
 
 
 @dataclass

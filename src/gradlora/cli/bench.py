@@ -1,4 +1,4 @@
-"""``gradlora bench``: the BENCHMARKS.md protocol, resumable.
+"""``gradlora bench``: the protocol of docs/benchmarks.md, resumable.
 
 Every (method, learning rate, seed) run sees the same model, head init, batches, dropout draws,
 schedule and step count for its seed; only the method and its learning rate differ. Each method
@@ -12,92 +12,33 @@ a re-run only adds what is missing, and a changed setting never reuses a stale r
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
-import math
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import GradLoraError
-from .meter import measure
-from .methods import METHODS, build, get_method
-from .report import _write_json, best_lr, save_results, summarize
-from .tasks import CLASSIFICATION, Task, load_task
-from .train import evaluate, make_scheduler, train
-
-# bump when a change of the code changes what a run with the same settings computes
-PROTOCOL_VERSION = 1
-DEFAULT_METHODS = ["lora", "lora-ga", "lora-one", "lora-pro", "full"]
-
-
-@dataclass
-class BenchConfig:
-    model: str = "minilm"  # built-in name or model folder
-    data: str = "rotten-tomatoes"  # built-in name or data file
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    steps: int = 150  # optimizer steps of every run
-    batch_size: int = 32
-    max_length: int = 64  # tokens per example (hamlet: tokens per chunk)
-    rank: int = 8  # LoRA r
-    alpha: float = 16.0  # LoRA alpha
-    lrs: dict[str, list[float]] = field(default_factory=dict)  # per-method grids (override)
-    sweep: bool = True  # False: each method at its default rate (or its single --lrs value)
-    seeds: list[int] = field(default_factory=lambda: [0])  # first: the sweep; rest: best lr only
-    extra_seeds_for: list[str] | None = None  # methods that get seeds[1:] (None: all)
-    init_batches: int = 8  # first training batches used by gradient inits
-    weight_decay: float = 0.01
-    schedule: str = "cosine"  # constant, linear, cosine
-    warmup_steps: int | None = None  # None: 3% of steps, rounded up
-    val_size: float | None = None  # count or fraction; None: 500 (rotten-tomatoes) / 10%
-    test_size: float | None = None  # count or fraction; None: 1,000 (rotten-tomatoes) / 10%
-    num_layers: int | None = None  # keep only the first blocks (tests, smoke runs)
-    select: str = "val-loss"  # "val-loss" (lowest) or "val-acc" (highest) picks the best lr
-    smooth_window: int = 20  # trailing mean of the reported training loss
-    device: str = "auto"  # "auto": cuda if available, else cpu
-    progress: bool = True
-
-    @property
-    def warmup(self) -> int:
-        if self.warmup_steps is not None:
-            return self.warmup_steps
-        return math.ceil(0.03 * self.steps)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+from ..atomic import write_json
+from ..errors import GradLoraError
+from ..meter import measure
+from . import loop
+from .config import PROTOCOL_VERSION, BenchConfig, digest, eval_batch_size, resolve_device
+from .recipes import RECIPES, build, get_recipe
+from .report import best_lr, save_results, summarize
+from .tasks import CLASSIFICATION, Task, load_task, read_data
 
 
 def run_spec(cfg: BenchConfig, task: Task, method: str, lr: float, seed: int) -> dict[str, Any]:
-    """Everything that determines one run's result (its key is a hash of this)."""
-    return {
-        "protocol": PROTOCOL_VERSION,
-        "task": task.identity,
-        "method": method,
-        "lr": lr,
-        "seed": seed,
-        "steps": cfg.steps,
-        "batch_size": cfg.batch_size,
-        "max_length": cfg.max_length,
-        "rank": cfg.rank,
-        "alpha": cfg.alpha,
-        "init_batches": cfg.init_batches,
-        "weight_decay": cfg.weight_decay,
-        "schedule": cfg.schedule,
-        "warmup_steps": cfg.warmup,
-        "device": resolve_device(cfg.device).type,
-    }
+    """Everything that determines one bench run's result (its key is a hash of this)."""
+    spec = cfg.run_spec(task.identity, method, lr, seed)
+    return {"protocol": PROTOCOL_VERSION, **spec, "device": resolve_device(cfg.device).type}
 
 
 def run_key(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return digest(spec, 12)
 
 
 def run_path(out_dir: Path, spec: dict[str, Any]) -> Path:
@@ -109,21 +50,23 @@ class Bench:
     """One benchmark: the task, its fixed batches, and the run store under ``out_dir``."""
 
     def __init__(self, cfg: BenchConfig, out_dir: str | Path, log: Callable[[str], None] = print):
-        unknown = [m for m in cfg.methods if m not in METHODS]
+        unknown = [m for m in cfg.methods if m not in RECIPES]
         if unknown or not cfg.methods:
-            raise GradLoraError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-        bad_lrs = [m for m in cfg.lrs if m not in METHODS]
+            raise GradLoraError(f"unknown method(s) {unknown}; choose from {', '.join(RECIPES)}")
+        bad_lrs = [m for m in cfg.lrs if m not in RECIPES]
         if bad_lrs:
             raise GradLoraError(f"--lrs names unknown method(s) {bad_lrs}")
         if cfg.select not in ("val-loss", "val-acc"):
             raise GradLoraError(f"--select must be val-loss or val-acc, not {cfg.select!r}")
         if not cfg.seeds:
             raise GradLoraError("--seeds needs at least one seed")
+        source = read_data(cfg.data)
+        cfg = cfg.for_kind(source.kind)
         self.cfg, self.out_dir, self.log = cfg, Path(out_dir), log
         self.device = resolve_device(cfg.device)
         self.task = load_task(
             cfg.model,
-            cfg.data,
+            source,
             max_length=cfg.max_length,
             val_size=cfg.val_size,
             test_size=cfg.test_size,
@@ -134,7 +77,7 @@ class Bench:
         for split in ("val", "test"):
             if len(self.task.splits[split]) == 0:
                 raise GradLoraError(f"the {split} split is empty; raise --{split}-size")
-        eval_bs = 64 if self.task.kind == CLASSIFICATION else cfg.batch_size
+        eval_bs = eval_batch_size(self.task.kind, cfg.batch_size)
         self.val_batches = self.task.eval_batches("val", cfg.max_length, eval_bs)
         self.test_batches = self.task.eval_batches("test", cfg.max_length, eval_bs)
         self._train_batches: dict[int, list] = {}
@@ -150,7 +93,7 @@ class Bench:
         return self._train_batches[seed]
 
     def grid(self, method: str) -> list[float]:
-        m = get_method(method)
+        m = get_recipe(method)
         if method in self.cfg.lrs:
             return list(self.cfg.lrs[method])
         if self.cfg.sweep:
@@ -177,7 +120,7 @@ class Bench:
                     {"method": method, "lr": lr, "seed": seed, "error": traceback.format_exc()}
                 )
                 return None
-            _write_json(path, record)
+            write_json(path, record)
             self.computed += 1
         self.runs.append(record)
         return record
@@ -200,9 +143,9 @@ class Bench:
                 device=self.device,
                 progress=False,
             )
-            sched = make_scheduler(built.optimizer, cfg.schedule, cfg.steps, cfg.warmup)
+            sched = loop.make_scheduler(built.optimizer, cfg.schedule, cfg.steps, cfg.warmup)
             torch.manual_seed(seed + 2)  # identical dropout draws for every method
-            result = train(
+            result = loop.train(
                 built.model,
                 batches,
                 built.optimizer,
@@ -212,8 +155,8 @@ class Bench:
             )
         start = time.perf_counter()
         diverged = result.diverged_at is not None
-        val = {} if diverged else evaluate(built.model, self.val_batches)
-        test = {} if diverged else evaluate(built.model, self.test_batches)
+        val = {} if diverged else loop.evaluate(built.model, self.val_batches)
+        test = {} if diverged else loop.evaluate(built.model, self.test_batches)
         eval_seconds = time.perf_counter() - start
         init_seconds, init_summary = built.init_seconds, built.init_summary
         del built

@@ -1,4 +1,5 @@
-"""``initialize``: gradient capture -> SVD -> atomic write, with a report of what it cost."""
+"""``initialize``: every pre-write check, then gradient capture -> SVD -> all-or-nothing write,
+with a report of what it cost (docs/algorithms.md, sections 1-3)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from .capture import LossFn, capture
 from .errors import GradLoraError
 from .inits import check_rank, init_from_gradient, init_from_svd, make_method
 from .meter import PhaseCost, measure
-from .peft_bridge import check_trainable, find_targets, write_factors
 from .sketch import check_sketch_options, choose_gradient, sketch_svds
+from .targets import LoraTarget, find_targets, unwrap
+from .write import write_factors
 
 
 @dataclass
@@ -100,21 +102,10 @@ def initialize(
     DistributedDataParallel is initialized through its ``.module``.
     """
     spec = make_method(method, **options)
-    model = dist_.unwrap_model(model)
+    model = unwrap(model)
     sync = dist_.resolve(distributed, process_group)
     targets = find_targets(model)
-    check_trainable(targets)
-    for t in targets:
-        check_rank(spec, t.rank, t.shape, t.name)
-    done = [t.name for t in targets if t.init_factors() is not None]
-    if done:
-        raise GradLoraError(
-            f"the model was already initialized by gradlora (base weights offset, e.g. {done[0]!r}); "
-            "a second init would measure the gradient at the offset weights. Start again from a "
-            "fresh PeftModel of the original base model"
-        )
-    check_sketch_options(sketch_passes, sketch_oversample)
-    mode = choose_gradient(gradient, targets)
+    mode = _check_before_write(spec, targets, gradient, sketch_passes, sketch_oversample)
     device = targets[0].weight.device
     by_name = {t.name: t for t in targets}
 
@@ -177,3 +168,28 @@ def initialize(
         capture=capture_cost,
         svd=svd_cost,
     )
+
+
+def _check_before_write(
+    spec, targets: list[LoraTarget], gradient: str, passes: int, oversample: int | None
+) -> str:
+    """Every check that can refuse an init, run before any batch is touched; returns the
+    resolved gradient mode ("exact" or "sketch")."""
+    if targets and not any(t.A.requires_grad or t.B.requires_grad for t in targets):
+        raise GradLoraError(
+            f"no LoRA weight of adapter {targets[0].adapter!r} is trainable (requires_grad=False "
+            "everywhere, e.g. PeftModel.from_pretrained without is_trainable=True, or "
+            "LoraConfig(inference_mode=True)); load it with is_trainable=True or call "
+            "requires_grad_(True) on the lora_A / lora_B weights before initializing"
+        )
+    for t in targets:
+        check_rank(spec, t.rank, t.shape, t.name)
+    done = [t.name for t in targets if t.init_factors() is not None]
+    if done:
+        raise GradLoraError(
+            f"the model was already initialized by gradlora (base weights offset, e.g. {done[0]!r}); "
+            "a second init would measure the gradient at the offset weights. Start again from a "
+            "fresh PeftModel of the original base model"
+        )
+    check_sketch_options(passes, oversample)
+    return choose_gradient(gradient, targets)

@@ -5,7 +5,7 @@ changes the base weights), the optimizer and scheduler state, the step, the loss
 the RNG state. The batches are a pure function of the seed, so a run resumed from a checkpoint
 takes exactly the steps the uninterrupted run would have taken and ends at the same adapter.
 
-Under torchrun (WORLD_SIZE > 1, see gradlora.ddp) every process builds the same model and the
+Under torchrun (WORLD_SIZE > 1, see gradlora.cli.torchrun) every process builds the same model and the
 same global batches, trains on its rows of each batch inside DistributedDataParallel, and the
 gradient init is a collective (gradlora.initialize all-reduces). Rank 0 alone prints, shows
 progress bars, evaluates and writes the checkpoint (with every rank's RNG state) and the
@@ -16,27 +16,24 @@ processes.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .ddp import Ranks, start
-from .errors import GradLoraError
-from .methods import get_method
-from .tasks import CLASSIFICATION, load_task
-from .train import evaluate, make_scheduler, smooth, train
+from ..adapter_io import save_adapter
+from ..atomic import atomic_write, write_json
+from ..distributed import synchronize
+from ..errors import GradLoraError
+from . import loop
+from .config import TrainConfig, digest, eval_batch_size, resolve_device
+from .recipes import build, get_recipe
+from .tasks import load_task, read_data
+from .torchrun import Ranks, start
 
 CHECKPOINT = "checkpoint.pt"
 INITIAL_ADAPTER = ".initial-adapter"  # peft's PiSSA / LoRA-GA conversion needs the init
-
-
-def _config_key(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _state_names(model: torch.nn.Module, everything: bool) -> list[str]:
@@ -65,9 +62,7 @@ def save_checkpoint(
     }
     if rank_rng is not None and len(rank_rng) > 1:
         data |= {"world_size": len(rank_rng), "rank_rng": rank_rng}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+    atomic_write(path, lambda tmp: torch.save(data, tmp))  # a kill keeps the previous one
 
 
 def load_checkpoint(
@@ -109,95 +104,73 @@ def _differing(model: torch.nn.Module, ranks: Ranks) -> list[str]:
     the others; after DDP training none should differ). Collective; [] in a single process."""
     if not ranks.active:
         return []
-    from .distributed import synchronize
-
     named = [(n, p.data) for n, p in model.named_parameters() if p.requires_grad]
     return [named[i][0] for i in synchronize([t for _, t in named])]
 
 
-def main_train(args, defaults_for, guess_kind) -> int:
+def main_train(cfg: TrainConfig) -> int:
     """``gradlora train``: one process, or one of torchrun's (then the group is left at the end)."""
-    ranks = start(args.device)
+    ranks = start(cfg.device)
     try:
-        return _main_train(args, defaults_for, guess_kind, ranks)
+        return _main_train(cfg, ranks)
     finally:
         ranks.close()
 
 
-def _main_train(args, defaults_for, guess_kind, ranks: Ranks) -> int:
-    from .bench import resolve_device
-    from .methods import build
-
-    method = get_method(args.method)
+def _main_train(cfg: TrainConfig, ranks: Ranks) -> int:
+    method = get_recipe(cfg.method)
     say = print if ranks.main else _quiet
-    label_column = args.label_column or "label"
-    defaults_for(args, guess_kind(args.data, args.text_column, label_column))
+    label_column = cfg.label_column or "label"
+    source = read_data(cfg.data, cfg.text_column, label_column, cfg.label_column is not None)
+    cfg = cfg.for_kind(source.kind)
     task = load_task(
-        args.model,
-        args.data,
-        max_length=args.max_length,
-        val_size=args.val_size,
-        test_size=args.test_size,
-        num_layers=args.num_layers,
-        text_column=args.text_column,
-        label_column=label_column,
-        label_required=args.label_column is not None,
+        cfg.model,
+        source,
+        max_length=cfg.max_length,
+        val_size=cfg.val_size,
+        test_size=cfg.test_size,
+        num_layers=cfg.num_layers,
     )
-    lr = args.lr if args.lr is not None else method.default_lr(task.kind)
-    device = ranks.device if ranks.active else resolve_device(args.device)
+    lr = cfg.lr if cfg.lr is not None else method.default_lr(task.kind)
+    device = ranks.device if ranks.active else resolve_device(cfg.device)
     if ranks.active and method.init == "peft-lora-ga":
         raise GradLoraError(
             "peft-lora-ga (peft's preprocess_loraga) estimates the gradient in each process "
             "alone; under torchrun use lora-ga (gradlora's init, averaged over all processes)"
         )
-    warmup = args.warmup_steps if args.warmup_steps is not None else -(-3 * args.steps // 100)
-    config = {
-        "task": task.identity,
-        "method": method.name,
-        "lr": lr,
-        "seed": args.seed,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "rank": args.rank,
-        "alpha": args.alpha,
-        "init_batches": args.init_batches,
-        "weight_decay": args.weight_decay,
-        "schedule": args.schedule,
-        "warmup_steps": warmup,
-    }
-    key = _config_key(config)
-    out = Path(args.out)
+    config = cfg.run_spec(task.identity, method.name, lr, cfg.seed)
+    key = digest(config, 16)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT
-    if ckpt.exists() and not args.resume:
+    if ckpt.exists() and not cfg.resume:
         raise GradLoraError(f"{ckpt} exists: add --resume to continue it, or use another --out")
-    progress = not args.no_progress and ranks.main
+    progress = cfg.progress and ranks.main
     if task.label_names:
         say("labels: " + ", ".join(f"{i} = {n}" for i, n in enumerate(task.label_names)))
     say(
         f"{method.name} ({method.about}) on {task.model}, {task.data}: {task.kind}, "
         f"{len(task.splits['train'])} train / {len(task.splits['val'])} val / "
-        f"{len(task.splits['test'])} test examples; lr {lr:g}, {args.steps} steps"
+        f"{len(task.splits['test'])} test examples; lr {lr:g}, {cfg.steps} steps"
     )
     # the global batches, a pure function of the seed; this process trains on its rows of each
-    batches = task.batches("train", args.batch_size, args.max_length, args.steps, seed=args.seed)
-    batches = ranks.shard(batches, args.batch_size)
+    batches = task.batches("train", cfg.batch_size, cfg.max_length, cfg.steps, seed=cfg.seed)
+    batches = ranks.shard(batches, cfg.batch_size)
     if ranks.active:
         say(
             f"data-parallel: {ranks.world} processes ({torch.distributed.get_backend()}), "
-            f"{args.batch_size // ranks.world} examples each per step"
+            f"{cfg.batch_size // ranks.world} examples each per step"
         )
     built = build(
         method,
         task,
         lr=lr,
-        seed=args.seed,
+        seed=cfg.seed,
         train_batches=batches,
-        rank=args.rank,
-        alpha=args.alpha,
-        init_batches=args.init_batches,
-        weight_decay=args.weight_decay,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        init_batches=cfg.init_batches,
+        weight_decay=cfg.weight_decay,
         device=device,
         progress=progress,
     )
@@ -215,22 +188,22 @@ def _main_train(args, defaults_for, guess_kind, ranks: Ranks) -> int:
         model.peft_config[adapter].init_lora_weights = True
         model.save_pretrained(str(initial))
         model.peft_config[adapter].init_lora_weights = init_weights
-    sched = make_scheduler(opt, args.schedule, args.steps, warmup)
-    torch.manual_seed(args.seed + 2 + 1_000_003 * ranks.rank)  # dropout, as in gradlora bench
+    sched = loop.make_scheduler(opt, cfg.schedule, cfg.steps, cfg.warmup)
+    torch.manual_seed(cfg.seed + 2 + 1_000_003 * ranks.rank)  # dropout, as in gradlora bench
     start_step, losses = 0, []
-    if args.resume and ckpt.exists():
+    if cfg.resume and ckpt.exists():
         start_step, losses = load_checkpoint(ckpt, key, model, opt, sched, ranks.rank, ranks.world)
         say(f"resuming from {ckpt} at step {start_step}")
     ranks.same(start_step, "the step to resume from")
     net = ranks.wrap(model)  # DistributedDataParallel under torchrun; the model itself alone
 
     def on_step(step: int, result) -> None:
-        if args.save_every and (step % args.save_every == 0 or step == args.steps):
+        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
             rank_rng = ranks.rng_states() if ranks.active else None  # collective
             if ranks.main:
                 save_checkpoint(ckpt, key, step, result.losses, model, opt, sched, method, rank_rng)
 
-    result = train(
+    result = loop.train(
         net,
         batches,
         opt,
@@ -248,17 +221,17 @@ def _main_train(args, defaults_for, guess_kind, ranks: Ranks) -> int:
         )
     differing = _differing(model, ranks)
     if ranks.main:
-        _finish(args, task, method, model, built, config, result, out, differing, ranks.world)
+        _finish(cfg, task, method, model, built, config, result, out, differing, ranks.world)
     ranks.barrier()  # no process leaves before rank 0 has saved
     return 0
 
 
-def _finish(args, task, method, model, built, config, result, out, differing, world) -> None:
+def _finish(cfg, task, method, model, built, config, result, out, differing, world) -> None:
     """Evaluate, save the adapter (or model), the tokenizer and train.json; print the summary."""
     initial = out / INITIAL_ADAPTER
-    eval_bs = 64 if task.kind == CLASSIFICATION else args.batch_size
+    eval_bs = eval_batch_size(task.kind, cfg.batch_size)
     metrics = {
-        split: evaluate(model, task.eval_batches(split, args.max_length, eval_bs))
+        split: loop.evaluate(model, task.eval_batches(split, cfg.max_length, eval_bs))
         for split in ("val", "test")
         if len(task.splits[split])
     }
@@ -269,8 +242,6 @@ def _finish(args, task, method, model, built, config, result, out, differing, wo
         where = out / "adapter"
         model.save_pretrained(str(where), path_initial_model_for_weight_conversion=str(initial))
     else:
-        from .peft_bridge import save_adapter
-
         where = save_adapter(model, out / "adapter")
     task.tokenizer.save_pretrained(str(where))
     record = {
@@ -278,7 +249,7 @@ def _finish(args, task, method, model, built, config, result, out, differing, wo
         "kind": task.kind,
         "label_names": task.label_names,
         "losses": result.losses,
-        "final_smoothed_loss": smooth(result.losses)[-1] if result.losses else None,
+        "final_smoothed_loss": loop.smooth(result.losses)[-1] if result.losses else None,
         "metrics": metrics,
         "init": built.init_summary,
         "init_seconds": built.init_seconds,
@@ -292,7 +263,7 @@ def _finish(args, task, method, model, built, config, result, out, differing, wo
                 f"warning: {len(differing)} weights differed across processes (e.g. "
                 f"{differing[0]}); rank 0's were saved"
             )
-    (out / "train.json").write_text(json.dumps(record, indent=1))
+    write_json(out / "train.json", record)
     parts = [f"final training loss (20-step mean) {record['final_smoothed_loss']:.4f}"]
     for split, m in metrics.items():
         parts.append(

@@ -1,8 +1,9 @@
-"""The fine-tuning methods compared by ``gradlora bench`` and offered by ``gradlora train``.
+"""The recipes behind the methods of ``gradlora bench`` and ``gradlora train`` (``--method``).
 
-A method = how the model is built and initialized + which optimizer, with a default learning
-rate and a 3-value grid per task kind (classification / causal LM). The classification rates
-come from the MiniLM / Rotten Tomatoes measurements in BENCHMARKS.md; the causal-LM ones are
+A recipe = how the model is built and initialized (an init method of ``gradlora.initialize``,
+peft's, or full fine-tuning) + which optimizer of ``gradlora.optim.create_optimizer``, with a
+default learning rate and a 3-value grid per task kind (classification / causal LM). The classification rates
+come from the MiniLM / Rotten Tomatoes measurements in docs/benchmarks.md; the causal-LM ones are
 set one notch lower (larger model, token-level loss) and are guesses until swept.
 """
 
@@ -15,14 +16,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peft import LoraConfig, LoraGAConfig, get_peft_model
+from peft.tuners.lora.loraga import preprocess_loraga
 from torch import nn
 
-from .errors import GradLoraError
+from ..capture import move_to
+from ..errors import GradLoraError
+from ..initialization import initialize
+from ..optim import create_optimizer
 from .tasks import CLASSIFICATION, Task
 
 
 @dataclass(frozen=True)
-class Method:
+class Recipe:
     name: str
     about: str  # one line for tables and --help
     init: str | None  # None (peft default), "pissa", "peft-lora-ga", "lora-ga", "lora-one"; "full"
@@ -48,8 +54,8 @@ class Method:
         return self.grid[kind]
 
 
-def _m(name, about, init, optimizer, cls_lr, cls_grid, lm_lr, lm_grid, **kw) -> Method:
-    return Method(
+def _m(name, about, init, optimizer, cls_lr, cls_grid, lm_lr, lm_grid, **kw) -> Recipe:
+    return Recipe(
         name,
         about,
         init,
@@ -65,7 +71,7 @@ LOW_GRID = (2e-4, 5e-4, 1e-3)
 LM_GRID = (2e-4, 5e-4, 1e-3)
 LM_LOW_GRID = (1e-4, 2e-4, 5e-4)
 
-METHODS: dict[str, Method] = {
+RECIPES: dict[str, Recipe] = {
     m.name: m
     for m in [
         _m(
@@ -205,10 +211,10 @@ METHODS: dict[str, Method] = {
 }
 
 
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise GradLoraError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    return METHODS[name]
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise GradLoraError(f"unknown method {name!r}; choose from {', '.join(RECIPES)}")
+    return RECIPES[name]
 
 
 @dataclass
@@ -219,9 +225,7 @@ class Built:
     init_summary: str | None  # gradlora's InitReport.summary(), when there is one
 
 
-def lora_config(task: Task, method: Method, rank: int, alpha: float, dropout: float = 0.0):
-    from peft import LoraConfig, LoraGAConfig
-
+def lora_config(task: Task, method: Recipe, rank: int, alpha: float, dropout: float = 0.0):
     kwargs: dict[str, Any] = dict(
         r=rank,
         lora_alpha=alpha,
@@ -239,7 +243,7 @@ def lora_config(task: Task, method: Method, rank: int, alpha: float, dropout: fl
 
 
 def build(
-    method: Method | str,
+    method: Recipe | str,
     task: Task,
     *,
     lr: float,
@@ -258,23 +262,17 @@ def build(
     every method of one seed starts from the same pretrained weights and head. Gradient inits
     use the first ``init_batches`` of ``train_batches``: the batches training starts with.
     """
-    from peft import get_peft_model
-
-    method = get_method(method) if isinstance(method, str) else method
+    method = get_recipe(method) if isinstance(method, str) else method
     model = task.load_base(seed).to(device)
     init_seconds, summary = 0.0, None
     if method.full:
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        opt = create_optimizer(model, "adamw", lr=lr, weight_decay=weight_decay)
         return Built(model, opt, 0.0, None)
 
     config = lora_config(task, method, rank, alpha)
     start = time.perf_counter()
     if method.init == "peft-lora-ga":
-        from peft.tuners.lora.loraga import preprocess_loraga
-
-        from .capture import move_to
 
         def train_step() -> None:
             for batch in train_batches[:init_batches]:
@@ -286,8 +284,6 @@ def build(
     torch.manual_seed(seed + 1)
     model = get_peft_model(model, config)
     if method.init in ("lora-ga", "lora-one"):
-        from .api import initialize
-
         report = initialize(
             model,
             train_batches,
@@ -299,23 +295,5 @@ def build(
         summary = report.summary()
     init_seconds = time.perf_counter() - start if method.init is not None else 0.0
 
-    if method.optimizer == "adamw":
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    elif method.optimizer == "preconditioned":
-        from .optim import create_preconditioned_optimizer
-
-        opt = create_preconditioned_optimizer(model, lr=lr, weight_decay=weight_decay)
-    elif method.optimizer == "riemannian":
-        from peft.optimizers import create_riemannian_optimizer
-
-        opt = create_riemannian_optimizer(
-            model, torch.optim.AdamW, lr=lr, weight_decay=weight_decay
-        )
-    elif method.optimizer == "lora-pro":
-        from .optim import create_lora_pro_optimizer
-
-        opt = create_lora_pro_optimizer(model, lr=lr, mode="efficient", weight_decay=weight_decay)
-    else:  # pragma: no cover - the registry above is the only source of methods
-        raise GradLoraError(f"unknown optimizer {method.optimizer!r}")
+    opt = create_optimizer(model, method.optimizer, lr=lr, weight_decay=weight_decay)
     return Built(model, opt, init_seconds, summary)

@@ -10,8 +10,6 @@ causal LM task.
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -20,10 +18,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
-from . import bundled
-from .bundled import TextData, make_batches
-from .errors import GradLoraError
+from ..errors import GradLoraError
+from .data import (
+    LLAMA_TARGETS,
+    MINILM_TARGETS,
+    TextData,
+    hamlet_text,
+    load_pretrained,
+    load_rotten_tomatoes,
+    make_batches,
+    minilm_path,
+    smollm2_path,
+)
+from .datafile import file_digest, read_data_file
 
 MODELS = {
     "minilm": "all-MiniLM-L6-v2 (BERT encoder, 22.7M), classification",
@@ -56,31 +65,11 @@ class Task:
 
     def load_base(self, seed: int = 0) -> nn.Module:
         """A fresh pretrained model; a new classification head is drawn from ``seed``."""
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-        from transformers.utils import logging as hf_logging
-
-        kwargs: dict[str, Any] = {}
-        if self.num_layers is not None:
-            kwargs["num_hidden_layers"] = self.num_layers
-        torch.manual_seed(seed)
-        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()  # "newly initialized head" is expected
-        hf_logging.disable_progress_bar()
-        try:
-            if self.kind == CLASSIFICATION:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    self.model_path, num_labels=self.num_labels, dtype=torch.float32, **kwargs
-                )
-                if model.config.pad_token_id is None:
-                    model.config.pad_token_id = self.tokenizer.pad_token_id
-            else:
-                model = AutoModelForCausalLM.from_pretrained(
-                    self.model_path, dtype=torch.float32, **kwargs
-                )
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
+        model = load_pretrained(
+            self.model_path, self.kind == CLASSIFICATION, self.num_labels, self.num_layers, seed
+        )
+        if self.kind == CLASSIFICATION and model.config.pad_token_id is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
         if self.label_names:
             model.config.id2label = dict(enumerate(self.label_names))
             model.config.label2id = {n: i for i, n in enumerate(self.label_names)}
@@ -104,104 +93,6 @@ class Task:
         if len(self.splits[split]) == 0:
             return []
         return self.batches(split, batch_size, max_length, shuffle=False)
-
-
-# ---------------------------------------------------------------------------- reading files
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-    if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise GradLoraError(f"{path}: line {n} is not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise GradLoraError(f"{path}: line {n} is not a JSON object")
-                rows.append(row)
-        return rows
-    if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise GradLoraError(f"{path}: a .json data file must hold a list of objects")
-        return data
-    raise GradLoraError(
-        f"{path}: unknown data file type {suffix!r}; use .csv, .tsv, .jsonl or .json"
-    )
-
-
-def read_data_file(
-    path: str | Path,
-    text_column: str = "text",
-    label_column: str | None = "label",
-    label_required: bool = False,
-) -> tuple[TextData, list[str] | None]:
-    """(data, label names) from a CSV/TSV/JSONL/JSON file.
-
-    With a ``label_column`` present: classification. Labels that are all integers are used as
-    class ids; any other labels (e.g. "pos"/"neg") are numbered in sorted order and their names
-    returned. Without it (or label_column None): text only, for causal language modelling.
-    Rows with empty text are dropped; a row with text but no label is an error.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise GradLoraError(f"data file not found: {path}")
-    rows = _read_rows(path)
-    if not rows:
-        raise GradLoraError(f"{path}: the data file is empty (no rows)")
-    columns = list(rows[0].keys())
-    if text_column not in columns:
-        raise GradLoraError(
-            f"{path}: no column {text_column!r}; the columns are {columns} "
-            "(choose one with --text-column)"
-        )
-    if label_required and label_column not in columns:
-        raise GradLoraError(
-            f"{path}: no column {label_column!r}; the columns are {columns} "
-            "(choose one with --label-column)"
-        )
-    use_labels = label_column is not None and label_column in columns
-    texts, raw = [], []
-    for n, row in enumerate(rows, 1):
-        text = row.get(text_column)
-        text = "" if text is None else str(text).strip()
-        if not text:
-            continue
-        texts.append(text)
-        if use_labels:
-            label = row.get(label_column)
-            if label is None or str(label).strip() == "":
-                raise GradLoraError(f"{path}: row {n} has text but no {label_column!r}")
-            raw.append(str(label).strip())
-    if not texts:
-        raise GradLoraError(f"{path}: no row has any text in column {text_column!r}")
-    if not use_labels:
-        return TextData(texts), None
-    try:
-        ids = [int(v) for v in raw]
-    except ValueError:
-        names = sorted(set(raw))
-        index = {n: i for i, n in enumerate(names)}
-        return TextData(texts, [index[v] for v in raw]), names
-    if min(ids) < 0:
-        raise GradLoraError(f"{path}: integer labels must be >= 0 (found {min(ids)})")
-    return TextData(texts, ids), None
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def _split(data: TextData, val: int, test: int, seed: int = 0) -> dict[str, TextData]:
@@ -242,9 +133,9 @@ def _chunk_text(tokenizer, text: str, max_length: int) -> list[str]:
 def resolve_model(model: str) -> tuple[str, str | None, list[str] | str | None]:
     """(folder, built-in name or None, default LoRA targets) of a built-in name or local folder."""
     if model == "minilm":
-        return bundled.minilm_path(), "minilm", list(bundled.MINILM_TARGETS)
+        return minilm_path(), "minilm", list(MINILM_TARGETS)
     if model == "smollm2":
-        return bundled.smollm2_path(), "smollm2", list(bundled.LLAMA_TARGETS)
+        return smollm2_path(), "smollm2", list(LLAMA_TARGETS)
     path = Path(model).expanduser()
     if not path.exists():
         raise GradLoraError(
@@ -254,15 +145,61 @@ def resolve_model(model: str) -> tuple[str, str | None, list[str] | str | None]:
         raise GradLoraError(f"{path} is not a Hugging Face model folder (no config.json)")
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type == "llama":
-        return str(path), None, list(bundled.LLAMA_TARGETS)
+        return str(path), None, list(LLAMA_TARGETS)
     if model_type == "bert":
-        return str(path), None, list(bundled.MINILM_TARGETS)
+        return str(path), None, list(MINILM_TARGETS)
     return str(path), None, None  # peft's default targets for the architecture
+
+
+@dataclass
+class DataSource:
+    """Data as read, once: its kind and examples, before any split or tokenization."""
+
+    name: str  # what was asked for ("rotten-tomatoes", "hamlet" or a file)
+    kind: str  # CLASSIFICATION or CAUSAL_LM
+    full: TextData | None  # every example; None for hamlet (chunked with the model's tokenizer)
+    label_names: list[str] | None = None  # label id -> name, for files with string labels
+    columns: list[str] | None = None  # a file's columns (for error messages)
+    label_column: str | None = "label"
+    identity: dict[str, Any] = field(default_factory=dict)  # what defines the data, for run keys
+
+
+def read_data(
+    data: str,
+    text_column: str = "text",
+    label_column: str = "label",
+    label_required: bool = False,
+    split_seed: int = 0,
+) -> DataSource:
+    """Read a built-in data set or a data file once. ``hamlet`` and text-only files are causal
+    LM data; ``rotten-tomatoes`` and files with a label column are classification."""
+    if data == "rotten-tomatoes":
+        # first 1,000 of the fixed shuffle are the test set, as in every earlier measurement
+        train, test = load_rotten_tomatoes(1000, seed=split_seed)
+        full = TextData(test.texts + train.texts, test.labels + train.labels)
+        return DataSource(data, CLASSIFICATION, full)
+    if data == "hamlet":
+        return DataSource(data, CAUSAL_LM, None)
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise GradLoraError(
+            f"data not found: {data!r} is neither a built-in ({', '.join(DATASETS)}) nor a file"
+        )
+    full, label_names, columns = read_data_file(path, text_column, label_column, label_required)
+    return DataSource(
+        data,
+        CLASSIFICATION if full.labels is not None else CAUSAL_LM,
+        full,
+        label_names,
+        columns,
+        label_column,
+        {"file_sha256": file_digest(path), "columns": [text_column, label_column]},
+    )
 
 
 def load_task(
     model: str,
-    data: str,
+    data: str | DataSource,
     *,
     max_length: int = 64,
     val_size: int | float | None = None,
@@ -274,25 +211,24 @@ def load_task(
     targets: list[str] | str | None = None,
     split_seed: int = 0,
 ) -> Task:
-    """Resolve ``model`` and ``data`` into a Task with fixed (``split_seed``) splits.
+    """Resolve ``model`` and ``data`` (a name, or a ``read_data`` result) into a Task with fixed
+    (``split_seed``) splits.
 
     Sizes are counts (>= 1) or fractions (< 1) of the data; None: 500 validation and 1,000 test
-    examples of rotten-tomatoes, 10% and 10% of anything else. ``hamlet`` and text-only files are
-    causal LM tasks; ``rotten-tomatoes`` and files with a label column are classification.
+    examples of rotten-tomatoes, 10% and 10% of anything else.
     """
-    from transformers import AutoTokenizer
-
+    source = data if isinstance(data, DataSource) else None
+    if source is None:
+        source = read_data(data, text_column, label_column, label_required, split_seed)
+    data, kind, full = source.name, source.kind, source.full
     if val_size is None:
         val_size = 500 if data == "rotten-tomatoes" else 0.1
     if test_size is None:
         test_size = 1000 if data == "rotten-tomatoes" else 0.1
     identity: dict[str, Any] = {"model": model, "data": data, "num_layers": num_layers}
-    label_names = None
+    identity |= source.identity
+    splits = None  # hamlet: chunked with the model's tokenizer below
     if data == "rotten-tomatoes":
-        kind = CLASSIFICATION
-        # first 1,000 of the fixed shuffle are the test set, as in every earlier measurement
-        train, test = bundled.load_rotten_tomatoes(1000, seed=split_seed)
-        full = TextData(test.texts + train.texts, test.labels + train.labels)
         test_n, val_n = _held_out(len(full), test_size), _held_out(len(full), val_size)
         splits = {
             "test": TextData(full.texts[:test_n], full.labels[:test_n]),
@@ -301,32 +237,20 @@ def load_task(
             ),
             "train": TextData(full.texts[test_n + val_n :], full.labels[test_n + val_n :]),
         }
-    elif data == "hamlet":
-        kind = CAUSAL_LM
-        splits = None  # chunked with the model's tokenizer below
-    else:
-        path = Path(data).expanduser()
-        if not path.exists():
-            raise GradLoraError(
-                f"data not found: {data!r} is neither a built-in ({', '.join(DATASETS)}) nor a file"
-            )
-        full, label_names = read_data_file(path, text_column, label_column, label_required)
-        columns = list(_read_rows(path)[0].keys())
-        kind = CLASSIFICATION if full.labels is not None else CAUSAL_LM
-        identity |= {"file_sha256": _file_digest(path), "columns": [text_column, label_column]}
+    elif full is not None:
         splits = _split(
             full, _held_out(len(full), val_size), _held_out(len(full), test_size), split_seed
         )
         if len(splits["train"]) == 0:
             raise GradLoraError(
-                f"{path}: {len(full)} rows leave nothing to train on after holding out "
+                f"{data}: {len(full)} rows leave nothing to train on after holding out "
                 "validation and test examples; lower --val-size/--test-size"
             )
 
     model_path, builtin, default_targets = resolve_model(model)
     if builtin == "minilm" and kind == CAUSAL_LM:
         found = (
-            f" ({data} has no {label_column!r} column; its columns are {columns})"
+            f" ({data} has no {source.label_column!r} column; its columns are {source.columns})"
             if data != "hamlet"
             else ""
         )
@@ -339,13 +263,14 @@ def load_task(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if splits is None:  # hamlet
-        chunks = _chunk_text(tokenizer, bundled.hamlet_text(), max_length)
+        chunks = _chunk_text(tokenizer, hamlet_text(), max_length)
         splits = _split(
             TextData(chunks),
             _held_out(len(chunks), val_size),
             _held_out(len(chunks), test_size),
             split_seed,
         )
+    label_names = source.label_names
     num_labels = None
     if kind == CLASSIFICATION:
         labels = splits["train"].labels + splits["val"].labels + splits["test"].labels

@@ -1,0 +1,329 @@
+"""Portable adapters: save and load a LoRA adapter whose init offset the base weights.
+
+After a LoRA-GA init the base weight is W' = W - s B0 A0, so peft's own rank-r adapter is
+relative to W' and wrong on the original model. ``save_adapter`` writes each layer as a
+rank-2r LoRA A' = [A; A0] (2r, n), B' = [B, -B0] (m, 2r) with alpha' = 2 alpha (sqrt(2) alpha
+with rsLoRA), so s' B' A' = s (B A - B0 A0) on the ORIGINAL weights (docs/algorithms.md,
+section 5); plain peft loads it. A sidecar ``gradlora.json`` marks it, and
+``load_adapter`` / ``load_converted_into`` split it back into the trainable rank-r adapter
+plus the offset. ``install_portable_save`` makes one PeftModel's own ``save_pretrained`` and
+``load_adapter`` do the same (what the Trainer integration and its checkpoints call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, NoMatchingPeftModuleError, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .atomic import write_files
+from .errors import GradLoraError
+from .flags import ModuleFlags
+from .targets import LoraTarget, find_targets, is_offset, unwrap
+from .write import write_factors
+
+SIDECAR = "gradlora.json"  # written beside adapter_config.json; plain peft ignores it
+WEIGHTS = "adapter_model.safetensors"
+
+
+def _alpha_factor(config: LoraConfig) -> float:
+    """alpha' / alpha when the rank doubles and s' = s must hold: 2, or sqrt(2) with rsLoRA."""
+    return math.sqrt(2.0) if config.use_rslora else 2.0
+
+
+def _resize_config(config: LoraConfig, rank_factor: float, alpha_factor: float) -> LoraConfig:
+    cfg = copy.deepcopy(config)
+    cfg.r = round(cfg.r * rank_factor)
+    cfg.lora_alpha = cfg.lora_alpha * alpha_factor
+    cfg.rank_pattern = {k: round(v * rank_factor) for k, v in (cfg.rank_pattern or {}).items()}
+    cfg.alpha_pattern = {k: v * alpha_factor for k, v in (cfg.alpha_pattern or {}).items()}
+    cfg.init_lora_weights = True  # loading must not re-run any data-driven init
+    return cfg
+
+
+def _lora_keys(target: LoraTarget) -> tuple[str, str]:
+    """Keys of A and B in peft's saved state dict (adapter name removed)."""
+    return f"{target.module_name}.lora_A.weight", f"{target.module_name}.lora_B.weight"
+
+
+def save_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
+    """Save the active adapter so that plain peft loads it on the ORIGINAL base model.
+
+    If the init offset the base weights (LoRA-GA), each layer is written as a rank-2r LoRA
+    A' = [A; A0] (2r, n), B' = [B, -B0] (m, 2r) with alpha' = 2 alpha (sqrt(2) alpha with
+    rsLoRA), so s' B' A' = s (B A - B0 A0). Otherwise (LoRA-One, vanilla) the adapter is written
+    as it is. Files are written to a temporary folder and moved into ``path`` when complete.
+    Returns the folder.
+    """
+    model = unwrap(model)
+    if not isinstance(model, PeftModel):
+        raise GradLoraError(
+            "save_adapter needs a peft.PeftModel (it writes the adapter's LoraConfig)"
+        )
+    targets = find_targets(model)
+    adapter = targets[0].adapter
+    stored = [t.init_factors() for t in targets]
+    converted = stored[0] is not None
+    if any((s is not None) != converted for s in stored):
+        bad = [t.name for t, s in zip(targets, stored, strict=True) if (s is not None) != converted]
+        raise GradLoraError(
+            f"layers {bad} disagree with the others on whether the base weight was offset"
+        )
+    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    config = model.peft_config[adapter]
+    if converted:
+        config = _resize_config(config, 2, _alpha_factor(config))
+        for t, (A0, B0) in zip(targets, stored, strict=True):
+            key_a, key_b = _lora_keys(t)
+            if key_a not in state or key_b not in state:
+                raise GradLoraError(f"peft's state dict has no entry for {t.module_name!r}")
+            state[key_a] = torch.cat([t.A.detach(), A0.to(t.A)], dim=0)
+            state[key_b] = torch.cat([t.B.detach(), -B0.to(t.B)], dim=1)
+    else:
+        config = copy.deepcopy(config)
+        config.init_lora_weights = True
+    state = {k: v.detach().contiguous().cpu().clone() for k, v in state.items()}
+    sidecar = {"format": 1, "converted": converted, "rank_factor": 2 if converted else 1}
+
+    def write(tmp: Path) -> None:
+        config.save_pretrained(str(tmp))
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
+
+    return write_files(path, write, [WEIGHTS, "adapter_config.json", SIDECAR])
+
+
+def split_converted(
+    saved: Mapping[str, Tensor], targets: list[LoraTarget], path: str | os.PathLike
+) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    """Split a converted rank-2r state dict (A' = [A; A0], B' = [B, -B0]) into peft's rank-r
+    state dict and the init factors {layer: (A0, B0)}; errors name the mismatching layer."""
+    state, factors = dict(saved), {}
+    for t in targets:
+        key_a, key_b = _lora_keys(t)
+        if key_a not in saved or key_b not in saved:
+            raise GradLoraError(
+                f"adapter at {path} has no weights for layer {t.name!r}: it was saved from a "
+                "different model or target_modules; load it on the base model it was trained on"
+            )
+        a2, b2 = saved[key_a], saved[key_b]
+        r = t.rank
+        if a2.shape != (2 * r, t.shape[1]) or b2.shape != (t.shape[0], 2 * r):
+            raise GradLoraError(
+                f"adapter at {path} has shapes {tuple(a2.shape)}, {tuple(b2.shape)} for layer "
+                f"{t.name!r}; a converted rank-{r} adapter of this model needs "
+                f"{(2 * r, t.shape[1])}, {(t.shape[0], 2 * r)}"
+            )
+        state[key_a], state[key_b] = a2[:r], b2[:, :r]
+        factors[t.name] = (a2[r:], -b2[:, r:])
+    return state, factors
+
+
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+    """gradlora's sidecar of the adapter folder ``path``; {"converted": False} for a plain peft
+    adapter. A missing adapter or an unreadable sidecar is a GradLoraError."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise GradLoraError(
+            f"no adapter at {path}: adapter_config.json is missing; pass the folder written by "
+            "gradlora.save_adapter (or peft's save_pretrained)"
+        )
+    sidecar_path = path / SIDECAR
+    if not sidecar_path.exists():
+        return {"converted": False}  # a plain peft adapter: loaded as it is
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GradLoraError(
+            f"{sidecar_path} is not valid JSON ({e}); save the adapter again with "
+            "gradlora.save_adapter"
+        ) from e
+    if not isinstance(sidecar, dict) or sidecar.get("format") != 1:
+        raise GradLoraError(
+            f"{sidecar_path} has format {sidecar.get('format') if isinstance(sidecar, dict) else sidecar!r}; "
+            "this gradlora reads format 1: upgrade gradlora or save the adapter again"
+        )
+    return sidecar
+
+
+def is_converted(path: Any) -> bool:
+    """Whether ``path`` is a folder holding an adapter that ``save_adapter`` converted."""
+    if (
+        not isinstance(path, str | os.PathLike)
+        or not (Path(path) / "adapter_config.json").is_file()
+    ):
+        return False
+    return bool(read_sidecar(path).get("converted"))
+
+
+def _read_weights(file: Path) -> dict[str, Tensor]:
+    if not file.exists():
+        raise GradLoraError(f"adapter at {file.parent} has no {file.name}")
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+        raise GradLoraError(
+            f"cannot read {file} ({type(e).__name__}: {e}); the file is truncated or not a "
+            "safetensors file: copy it again or save the adapter again"
+        ) from e
+
+
+def load_adapter(
+    base_model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    adapter_name: str = "default",
+    is_trainable: bool = True,
+) -> PeftModel:
+    """Load an adapter written by ``save_adapter`` onto the ORIGINAL base model, ready to train on.
+
+    A converted (rank-2r) adapter is split back into the rank-r trainable A, B and the frozen
+    A0, B0, and the base weight is offset again (W' = W - s B0 A0), so training resumes exactly
+    where it stopped. Any other adapter (gradlora's unconverted ones, or a plain peft adapter
+    without gradlora's sidecar) is loaded as it is with ``PeftModel.from_pretrained``.
+    A missing, truncated or foreign checkpoint raises GradLoraError and leaves ``base_model``
+    exactly as it was (no LoRA layers injected, flags and modes restored).
+    """
+    path = Path(path)
+    converted = read_sidecar(path).get("converted")
+    # read whenever present, so a truncated file is one clear error for every kind of adapter
+    saved = _read_weights(path / WEIGHTS) if (path / WEIGHTS).exists() else None
+    with _restored_on_error(base_model, path):
+        if not converted:
+            return PeftModel.from_pretrained(
+                base_model, str(path), adapter_name=adapter_name, is_trainable=is_trainable
+            )
+        if saved is None:
+            raise GradLoraError(f"adapter at {path} has no {WEIGHTS}")
+        saved_config = LoraConfig.from_pretrained(str(path))
+        config = _resize_config(saved_config, 0.5, 1 / _alpha_factor(saved_config))
+        config.inference_mode = not is_trainable
+        model = get_peft_model(base_model, config, adapter_name=adapter_name)
+        load_converted_into(model, path, saved)
+        return model
+
+
+def load_converted_into(
+    model: PeftModel, path: str | os.PathLike, saved: Mapping[str, Tensor] | None = None
+) -> None:
+    """Load a rank-2r adapter written by ``save_adapter`` (``saved``: its weights, read from
+    ``path`` if None) into ``model``'s active rank-r adapter, in place (tensors keep their
+    identity, so an optimizer's references stay valid).
+
+    A, B (and modules_to_save such as a classifier head) get the trained values; the base
+    weights are offset by the saved A0, B0 unless the model is already offset by the same
+    factors (``load_best_model_at_end`` within one run). ``model`` must otherwise be a PeftModel
+    of the ORIGINAL base weights.
+    """
+    path = Path(path)
+    targets = find_targets(model)
+    if saved is None:
+        saved = _read_weights(path / WEIGHTS)
+    state, factors = split_converted(saved, targets, path)
+    stored = [t.init_factors() for t in targets]
+    if any(s is not None for s in stored):
+        same = all(
+            s is not None
+            and torch.equal(s[0].cpu(), factors[t.name][0].to(s[0]).cpu())
+            and torch.equal(s[1].cpu(), factors[t.name][1].to(s[1]).cpu())
+            for t, s in zip(targets, stored, strict=True)
+        )
+        if not same:
+            raise GradLoraError(
+                f"the model's base weights are already offset by a different LoRA-GA init than the "
+                f"adapter at {path}; load it on a fresh PeftModel of the original base model"
+            )
+    with torch.no_grad():
+        result = set_peft_model_state_dict(model, state, adapter_name=targets[0].adapter)
+    adapter = targets[0].adapter
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k or adapter in k]
+    if unexpected:
+        raise GradLoraError(f"adapter at {path} has weights the model lacks: {unexpected[:5]}")
+    if all(s is None for s in stored):
+        write_factors(targets, factors, offset_base=True, set_adapter_weights=False)
+
+
+@contextlib.contextmanager
+def _restored_on_error(base_model: nn.Module, path: Path):
+    """On any error, take injected LoRA layers out of ``base_model`` again and restore its
+    requires_grad flags and train/eval modes; peft's own errors become GradLoraError."""
+    flags = ModuleFlags(base_model)
+    had_config = hasattr(base_model, "peft_config")
+    try:
+        yield
+    except BaseException as e:
+        _remove_tuner_layers(base_model)
+        flags.restore()
+        if not had_config and hasattr(base_model, "peft_config"):
+            del base_model.peft_config
+        if isinstance(e, NoMatchingPeftModuleError) or (
+            isinstance(e, RuntimeError) and "size mismatch" in str(e)
+        ):
+            raise GradLoraError(
+                f"adapter at {path} does not fit this model ({str(e).strip()[:300]}); load it on "
+                "the base model it was trained on"
+            ) from e
+        raise
+
+
+def _remove_tuner_layers(model: nn.Module) -> None:
+    """Put each peft tuner layer's original base layer back in its parent module."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer) and name:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            if getattr(parent, child, None) is module:
+                setattr(parent, child, module.get_base_layer())
+
+
+# --- one PeftModel's own save_pretrained / load_adapter, made portable -------------------------
+
+
+def _save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
+    """PeftModel.save_pretrained, writing the portable rank-2r form once the base is offset."""
+    targets = find_targets(self)
+    if not is_offset(targets):
+        return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    selected = kwargs.get("selected_adapters")
+    if selected is not None and list(selected) != [targets[0].adapter]:
+        raise GradLoraError(
+            f"selected_adapters={selected}: a LoRA-GA model saves its active adapter only "
+            "(gradlora.save_adapter); save other adapters from a model without the offset"
+        )
+    if kwargs.get("is_main_process", True):
+        save_adapter(self, save_directory)
+    return None
+
+
+def _load_adapter(self: PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any):
+    """PeftModel.load_adapter, reading gradlora's converted form into the active adapter."""
+    if not is_converted(model_id):
+        return type(self).load_adapter(self, model_id, adapter_name, *args, **kwargs)
+    if adapter_name != find_targets(self)[0].adapter:
+        raise GradLoraError(
+            f"the converted adapter at {model_id} can only be loaded into the active adapter, "
+            f"not into {adapter_name!r}"
+        )
+    load_converted_into(self, model_id)
+    return None
+
+
+def install_portable_save(model: PeftModel) -> None:
+    """Make this PeftModel instance's ``save_pretrained`` write ``save_adapter``'s portable form
+    once its base is offset, and its ``load_adapter`` read that form back (trained A, B, heads
+    and the offset). Other instances and the class are untouched; idempotent."""
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
+    model.load_adapter = types.MethodType(_load_adapter, model)

@@ -1,0 +1,120 @@
+"""The settings of a fine-tuning run, shared by ``gradlora train`` and ``gradlora bench``, and the
+hash that keys a run: one dataclass, one warmup rule, one evaluation batch size, one hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .tasks import CLASSIFICATION
+
+# bump when a change of the code changes what a bench run with the same settings computes
+PROTOCOL_VERSION = 1
+DEFAULT_METHODS = ["lora", "lora-ga", "lora-one", "lora-pro", "full"]
+
+
+@dataclass
+class RunConfig:
+    """What both commands train with; a field left None gets its default for the task kind."""
+
+    model: str = "minilm"  # built-in name or model folder
+    data: str = "rotten-tomatoes"  # built-in name or data file
+    steps: int = 150  # optimizer steps of every run
+    batch_size: int | None = None  # examples per step; None: 32 classification, 8 causal LM
+    max_length: int | None = None  # tokens per example (hamlet: per chunk); None: 64 / 128
+    rank: int = 8  # LoRA r
+    alpha: float = 16.0  # LoRA alpha
+    init_batches: int = 8  # first training batches used by gradient inits
+    weight_decay: float = 0.01  # AdamW's decoupled weight decay
+    schedule: str = "cosine"  # constant, linear, cosine (after the linear warmup)
+    warmup_steps: int | None = None  # None: 3% of the steps, rounded up
+    val_size: float | None = None  # count or fraction; None: 500 (rotten-tomatoes) / 10%
+    test_size: float | None = None  # count or fraction; None: 1,000 (rotten-tomatoes) / 10%
+    num_layers: int | None = None  # keep only the first transformer blocks (tests, smoke runs)
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    progress: bool = True  # tqdm bars
+
+    @property
+    def warmup(self) -> int:
+        """Linear warmup steps: ``warmup_steps``, or 3% of ``steps`` rounded up."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return math.ceil(0.03 * self.steps)
+
+    def for_kind(self, kind: str):
+        """A copy with batch size and length filled in for the task ``kind`` where None."""
+        classification = kind == CLASSIFICATION
+        return replace(
+            self,
+            batch_size=self.batch_size or (32 if classification else 8),
+            max_length=self.max_length or (64 if classification else 128),
+        )
+
+    def run_spec(self, task_identity: dict[str, Any], method: str, lr: float, seed: int) -> dict:
+        """Everything that determines one run's result (its key is a hash of this)."""
+        return {
+            "task": task_identity,
+            "method": method,
+            "lr": lr,
+            "seed": seed,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "init_batches": self.init_batches,
+            "weight_decay": self.weight_decay,
+            "schedule": self.schedule,
+            "warmup_steps": self.warmup,
+        }
+
+
+@dataclass
+class BenchConfig(RunConfig):
+    """``gradlora bench``: the methods, their learning-rate grids, seeds and rate selection."""
+
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    lrs: dict[str, list[float]] = field(default_factory=dict)  # per-method grids (override)
+    sweep: bool = True  # False: each method at its default rate (or its single --lrs value)
+    seeds: list[int] = field(default_factory=lambda: [0])  # first: the sweep; rest: best lr only
+    extra_seeds_for: list[str] | None = None  # methods that get seeds[1:] (None: all)
+    select: str = "val-loss"  # "val-loss" (lowest) or "val-acc" (highest) picks the best lr
+    smooth_window: int = 20  # trailing mean of the reported training loss
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """``gradlora train``: one method at one rate, its data columns, checkpoints and output."""
+
+    steps: int = 200
+    method: str = "lora-one"  # a recipe name from `gradlora methods`
+    lr: float | None = None  # None: the method's documented rate for the task kind
+    seed: int = 0  # head init, data order, dropout
+    text_column: str = "text"
+    label_column: str | None = None  # None: "label" if the file has one, else causal LM
+    save_every: int = 0  # checkpoint every N steps (0: never)
+    resume: bool = False  # continue from OUT/checkpoint.pt if it exists
+    out: str = "runs/train"  # output folder
+
+
+def digest(spec: dict[str, Any], length: int) -> str:
+    """The first ``length`` hex digits of the SHA-256 of ``spec`` as sorted-key JSON."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:length]
+
+
+def resolve_device(device: str) -> torch.device:
+    """--device: "auto" is cuda if available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def eval_batch_size(kind: str, batch_size: int) -> int:
+    """Batch size of validation and test passes: 64 for classification, the training batch
+    size for causal LM (whose sequences are longer)."""
+    return 64 if kind == CLASSIFICATION else batch_size

@@ -1,0 +1,1 @@
+"""Integrations of gradlora with training frameworks (transformers Trainer, TRL)."""

@@ -1,0 +1,55 @@
+"""``create_optimizer(model, name, lr, **kwargs)``: every optimizer gradlora offers, by name.
+
+The one registry: ``GradLoraCallback`` users, ``gradlora train`` and ``gradlora bench`` all
+build their optimizers here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from peft.optimizers import create_riemannian_optimizer
+from torch import nn
+from torch.optim import Optimizer
+
+from ..errors import GradLoraError
+from ..targets import unwrap
+from .lora_pro import create_lora_pro_optimizer
+from .preconditioned import create_preconditioned_optimizer
+
+
+def _adamw(model: nn.Module, lr: float, **kwargs: Any) -> Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, **kwargs)
+
+
+def _riemannian(model: nn.Module, lr: float, **kwargs: Any) -> Optimizer:
+    return create_riemannian_optimizer(model, torch.optim.AdamW, lr=lr, **kwargs)
+
+
+# name -> factory(model, lr, **kwargs)
+OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
+    "adamw": _adamw,
+    "preconditioned": create_preconditioned_optimizer,
+    "lora-pro": create_lora_pro_optimizer,
+    "riemannian": _riemannian,
+}
+
+
+def create_optimizer(model: nn.Module, name: str, lr: float, **kwargs: Any) -> Optimizer:
+    """An optimizer over ``model``'s trainable parameters, by name, for a plain loop or
+    ``Trainer(optimizers=(create_optimizer(model, name, lr), None))``.
+
+    "adamw": torch AdamW over every trainable parameter (LoRA-GA's choice);
+    "preconditioned": gradlora's preconditioned AdamW for LoRA pairs (LoRA-One's choice; kwargs
+    damping, betas, eps, weight_decay, bias_correction); "lora-pro": LoRA-Pro's adjusted AdamW
+    (kwargs mode="efficient"|"full", damping, betas, eps, weight_decay); "riemannian": peft's
+    Riemannian-preconditioned AdamW (``peft.optimizers.create_riemannian_optimizer``, kwargs
+    passed on). ``model`` may be wrapped (``gradlora.targets.unwrap``); the pair optimizers need
+    a PeftModel with LoRA layers. Build it on the PeftModel before creating the Trainer; a gradlora init writes A
+    and B in place, so the optimizer keeps pointing at the right tensors.
+    """
+    if name not in OPTIMIZERS:
+        raise GradLoraError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[name](unwrap(model), lr, **kwargs)

@@ -1,0 +1,199 @@
+"""Finding what gradlora works on: the (A, B, base weight) triple of every LoRA layer of a
+PeftModel's active adapter, looking through the wrappers training frameworks put around it.
+
+Shapes follow peft: the base weight W is (m, n) = (out, in) (stored (n, m) by transformers'
+Conv1D or with fan_in_fan_out), ``lora_A.weight`` A is (r, n), ``lora_B.weight`` B is (m, r),
+and the layer adds s B A x with s = alpha / r (alpha / sqrt(r) with rsLoRA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import GradLoraError
+
+WEIGHT0 = "gradlora_weight0"  # buffer name of the init factors A0 / B0 on lora_A / lora_B
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """One LoRA-adapted linear layer of the active adapter."""
+
+    name: str  # module name in the base model, e.g. "bert.encoder.layer.0.attention.self.query"
+    module_name: str  # module name in the wrapped model, as in model.named_modules()
+    layer: LoraLinear
+    adapter: str
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The frozen base weight as stored: (m, n), or (n, m) for Conv1D."""
+        return self.layer.get_base_layer().weight
+
+    @property
+    def transposed(self) -> bool:
+        return isinstance(self.layer.get_base_layer(), Conv1D) or bool(self.layer.fan_in_fan_out)
+
+    @property
+    def A(self) -> nn.Parameter:  # (r, n)
+        return self.layer.lora_A[self.adapter].weight
+
+    @property
+    def B(self) -> nn.Parameter:  # (m, r)
+        return self.layer.lora_B[self.adapter].weight
+
+    @property
+    def rank(self) -> int:
+        return int(self.layer.r[self.adapter])
+
+    @property
+    def scaling(self) -> float:
+        return float(self.layer.scaling[self.adapter])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(m, n) = (out_features, in_features) of the effective weight."""
+        return self.B.shape[0], self.A.shape[1]
+
+    def weight_mn(self) -> Tensor:
+        """The base weight as an (m, n) view, whatever its storage."""
+        return self.weight.T if self.transposed else self.weight
+
+    def init_factors(self) -> tuple[Tensor, Tensor] | None:
+        """(A0, B0) stored at init, or None if this layer's base weight was never offset."""
+        a0 = getattr(self.layer.lora_A[self.adapter], WEIGHT0, None)
+        b0 = getattr(self.layer.lora_B[self.adapter], WEIGHT0, None)
+        return None if a0 is None or b0 is None else (a0, b0)
+
+
+_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel (``.module``) and torch.compile
+    (``._orig_mod``) wrappers, however deeply nested.
+
+    Working through DDP's forward would run its gradient all-reduce on parameters gradlora does
+    not train; gradlora works on the inner module and reduces itself. FSDP shards the weights,
+    so it is refused: initialize before wrapping in FSDP.
+    """
+    while True:
+        if isinstance(model, _WRAPPERS):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        else:
+            break
+    name = type(model).__name__
+    if name == "FullyShardedDataParallel" or name.startswith("FSDP"):
+        raise GradLoraError(
+            f"the model is wrapped in {name}, whose weights are sharded; call "
+            "gradlora.initialize on the PeftModel before wrapping it in FSDP"
+        )
+    return model
+
+
+def peft_model_of(model: nn.Module | None, user: str = "gradlora") -> PeftModel:
+    """The PeftModel inside ``model``: through ``unwrap``'s wrappers and any other wrapper that
+    keeps it as ``.module`` (accelerate); a GradLoraError naming ``user`` if there is none."""
+    current = model
+    while not isinstance(current, PeftModel):
+        inner = unwrap(current) if isinstance(current, nn.Module) else None
+        if inner is current:
+            inner = getattr(current, "module", None)
+        if not isinstance(inner, nn.Module):
+            raise GradLoraError(
+                f"{user} needs the model to be a peft.PeftModel with a LoRA adapter, got "
+                f"{type(model).__name__}; wrap it first with peft.get_peft_model(model, "
+                "LoraConfig(...)) (or pass peft_config to TRL's SFTTrainer)"
+            )
+        current = inner
+    return current
+
+
+def active_adapter(model: nn.Module) -> str:
+    """The single active adapter's name; an error if several are active at once."""
+    if isinstance(model, PeftModel):
+        names = model.active_adapters
+    else:
+        names = sorted(
+            {a for m in model.modules() if isinstance(m, LoraLayer) for a in m.active_adapters}
+        )
+    names = [names] if isinstance(names, str) else list(names)
+    if len(names) != 1:
+        raise GradLoraError(
+            f"gradlora works on one adapter at a time, but {len(names)} are active ({names}); "
+            "call model.set_adapter(name) to activate just one"
+        )
+    return names[0]
+
+
+def find_targets(model: nn.Module) -> list[LoraTarget]:
+    """Every LoRA layer of the active adapter, with its base-model name; errors name the fix.
+
+    Accepts a PeftModel or any module into which peft injected LoRA layers, also inside the
+    wrappers ``unwrap`` looks through.
+    """
+    model = unwrap(model)
+    if isinstance(model, PeftModel) and not isinstance(
+        model.peft_config.get(model.active_adapter), LoraConfig
+    ):
+        kind = type(model.peft_config.get(model.active_adapter)).__name__
+        raise GradLoraError(
+            f"the active adapter is a {kind}, not LoRA; gradlora needs a LoraConfig adapter"
+        )
+    lora_modules = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    if not lora_modules:
+        raise GradLoraError(
+            "the model has no LoRA adapters: wrap it first with "
+            "peft.get_peft_model(model, LoraConfig(target_modules=[...]))"
+        )
+    adapter = active_adapter(model)
+    targets = []
+    for module_name, layer in lora_modules:
+        if adapter not in layer.lora_A and adapter not in getattr(layer, "lora_embedding_A", {}):
+            continue  # the active adapter does not target this layer
+        _check_supported(module_name, layer, adapter)
+        name = module_name.removeprefix(PEFT_PREFIX)
+        targets.append(LoraTarget(name=name, module_name=module_name, layer=layer, adapter=adapter))
+    if not targets:
+        raise GradLoraError(f"no LoRA layer belongs to the active adapter {adapter!r}")
+    return targets
+
+
+def is_offset(targets: list[LoraTarget]) -> bool:
+    """Whether a gradlora init offset any of these layers' base weights."""
+    return any(t.init_factors() is not None for t in targets)
+
+
+def _check_supported(module_name: str, layer: LoraLayer, adapter: str) -> None:
+    base = layer.get_base_layer()
+    if not isinstance(layer, LoraLinear) or not isinstance(base, nn.Linear | Conv1D):
+        raise GradLoraError(
+            f"target module {module_name!r} is a {type(base).__name__} wrapped by "
+            f"{type(layer).__name__}; gradlora supports torch.nn.Linear and transformers' Conv1D "
+            "only: remove it from LoraConfig.target_modules"
+        )
+    if not base.weight.is_floating_point():
+        raise GradLoraError(
+            f"target module {module_name!r} has a quantized {base.weight.dtype} weight; the gradient "
+            "estimate needs a floating-point base weight: load the model unquantized for the init"
+        )
+    if layer.use_dora.get(adapter, False):
+        raise GradLoraError(
+            f"{module_name!r} uses DoRA; gradlora supports plain LoRA: set use_dora=False"
+        )
+    if getattr(layer, "lora_bias", {}).get(adapter, False):
+        raise GradLoraError(
+            f"{module_name!r} has lora_bias=True; gradlora supports lora_bias=False only"
+        )
+    if layer.merged:
+        raise GradLoraError(
+            f"{module_name!r} has merged adapters; call model.unmerge_adapter() first"
+        )

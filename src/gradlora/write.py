@@ -1,0 +1,71 @@
+"""The one place that changes a model's weights: the all-or-nothing write of init factors.
+
+A LoRA-GA-style init offsets the frozen base weight, W' = W - s B0 A0, and keeps the exact A0,
+B0 on the adapter as non-persistent buffers ``lora_A[name].gradlora_weight0`` and
+``lora_B[name].gradlora_weight0`` (``targets.WEIGHT0``); ``adapter_io`` folds them into a
+portable adapter and splits them back out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from . import inits
+from .errors import GradLoraError
+from .targets import WEIGHT0, LoraTarget
+
+
+def write_factors(
+    targets: list[LoraTarget],
+    factors: Mapping[str, tuple[Tensor, Tensor]],
+    *,
+    offset_base: bool,
+    set_adapter_weights: bool = True,
+) -> None:
+    """Write init factors into the model, all layers or none.
+
+    For each target, (A0 (r, n), B0 (m, r)) = factors[target.name] is cast to the adapter's dtype;
+    with ``set_adapter_weights`` A and B are set to it; with ``offset_base`` the base weight
+    becomes W - s B0 A0 (fp32 math, see inits.offset_weight) and A0, B0 are kept as buffers.
+    Every factor's shape is checked before anything is written. If anything fails midway (out
+    of memory, interrupt) every layer is put back as it was.
+    """
+    missing = [t.name for t in targets if t.name not in factors]
+    if missing:
+        raise GradLoraError(f"no init factors for layer(s) {missing}")
+    for t in targets:
+        A0, B0 = factors[t.name]
+        if tuple(A0.shape) != tuple(t.A.shape) or tuple(B0.shape) != tuple(t.B.shape):
+            raise GradLoraError(
+                f"init factors for {t.name!r} have shapes {tuple(A0.shape)}, {tuple(B0.shape)}; "
+                f"the adapter needs {tuple(t.A.shape)}, {tuple(t.B.shape)}"
+            )
+    undo: list[tuple[LoraTarget, Tensor, Tensor, Tensor | None]] = []
+    try:
+        with torch.no_grad():
+            for t in targets:
+                A0 = factors[t.name][0].to(device=t.A.device, dtype=t.A.dtype)
+                B0 = factors[t.name][1].to(device=t.B.device, dtype=t.B.dtype)
+                old_w = t.weight.detach().clone() if offset_base else None
+                undo.append((t, t.A.detach().clone(), t.B.detach().clone(), old_w))
+                if offset_base:
+                    new_w = inits.offset_weight(t.weight_mn(), A0, B0, t.scaling)
+                    t.weight.copy_(new_w.T if t.transposed else new_w)
+                    t.layer.lora_A[t.adapter].register_buffer(WEIGHT0, A0.clone(), persistent=False)
+                    t.layer.lora_B[t.adapter].register_buffer(WEIGHT0, B0.clone(), persistent=False)
+                if set_adapter_weights:
+                    t.A.copy_(A0)
+                    t.B.copy_(B0)
+    except BaseException:
+        with torch.no_grad():
+            for t, old_a, old_b, old_w in reversed(undo):
+                t.A.copy_(old_a)
+                t.B.copy_(old_b)
+                if old_w is not None:
+                    t.weight.copy_(old_w)
+                    for module in (t.layer.lora_A[t.adapter], t.layer.lora_B[t.adapter]):
+                        module._buffers.pop(WEIGHT0, None)
+        raise
