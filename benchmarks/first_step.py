@@ -28,8 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import gradlora  # noqa: E402
-from gradlora.bundled import load_minilm_lora, load_rotten_tomatoes, make_batches  # noqa: E402
-from gradlora.peft_bridge import find_targets  # noqa: E402
+from gradlora.cli.data import load_minilm_lora, load_rotten_tomatoes, make_batches  # noqa: E402
+from gradlora.targets import find_targets  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # (label, init method or None, init options, optimizer, lr)

@@ -56,7 +56,7 @@ def build(model_name: str, args, device):
     from gradlora.capture import move_to
 
     if model_name == "minilm":
-        from gradlora.bundled import (
+        from gradlora.cli.data import (
             load_minilm_classifier,
             load_rotten_tomatoes,
             make_batches,
@@ -171,9 +171,9 @@ def run_quality(args, passes_list=(1, 2, 3)) -> dict:
     from peft import get_peft_model
 
     import gradlora
-    from gradlora.peft_bridge import find_targets
     from gradlora.sketch import sketch_svds
     from gradlora.spectral import captured_energy
+    from gradlora.targets import find_targets
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     dev = torch.device(args.device)

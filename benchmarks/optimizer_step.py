@@ -34,7 +34,7 @@ def build(model_name: str):
     import torch
 
     if model_name == "minilm":
-        from gradlora.bundled import load_minilm_lora, load_rotten_tomatoes, make_batches
+        from gradlora.cli.data import load_minilm_lora, load_rotten_tomatoes, make_batches
 
         model, tok = load_minilm_lora()
         train, _ = load_rotten_tomatoes()

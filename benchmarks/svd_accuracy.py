@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import gradlora  # noqa: E402
-from gradlora.bundled import load_minilm_lora, load_rotten_tomatoes, make_batches  # noqa: E402
+from gradlora.cli.data import load_minilm_lora, load_rotten_tomatoes, make_batches  # noqa: E402
 from gradlora.spectral import exact_svd, randomized_svd  # noqa: E402
 
 

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradlora
 from gradlora.distributed import synchronize_targets
-from gradlora.peft_bridge import find_targets
+from gradlora.targets import find_targets
 
 ARCH, R = "gpt2", 2
 CASES = {  # name: initialize options

@@ -16,8 +16,8 @@ import time
 
 import torch.distributed as dist
 
-import gradlora.finetune as finetune
-from gradlora.cli import main
+import gradlora.cli.loop as finetune
+from gradlora.cli.main import main
 
 
 def hooked(mode: str, value: float):

@@ -209,3 +209,12 @@ def assert_resume_is_exact(model, make_opt, fresh_model, batches, before: int, a
     pairs = zip(model.named_parameters(), fresh_model.named_parameters(), strict=True)
     for (n, p), (_, q) in pairs:
         assert torch.equal(p, q), n
+
+
+def eval_logits(model, batches):
+    """The model's logits on ``batches`` (labels dropped) in eval mode, without grad."""
+    model.eval()
+    with torch.no_grad():
+        return torch.cat(
+            [model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in batches]
+        )

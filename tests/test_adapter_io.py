@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel
 from transformers.pytorch_utils import Conv1D
 
 import gradlora
-from gradlora.peft_bridge import find_targets
+from gradlora.targets import find_targets
 
 TESTS = Path(__file__).parent
 

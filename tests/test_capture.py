@@ -10,7 +10,7 @@ from conftest import (
 
 import gradlora
 from gradlora.capture import ExactAccumulator, capture
-from gradlora.peft_bridge import find_targets
+from gradlora.targets import find_targets
 
 
 def test_gradient_equals_plain_autograd(arch):

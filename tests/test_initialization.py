@@ -12,7 +12,7 @@ from conftest import (
 )
 
 import gradlora
-from gradlora.peft_bridge import find_targets
+from gradlora.targets import find_targets
 
 
 def outputs(model, batches):

@@ -13,8 +13,8 @@ from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 import gradlora
-import gradlora.trainer as gtrainer
-from gradlora.peft_bridge import find_targets
+import gradlora.integrations.transformers as gtrainer
+from gradlora.targets import find_targets, peft_model_of
 
 TESTS = Path(__file__).parent
 
@@ -147,7 +147,7 @@ def test_lora_ga_trainer_init_once_before_step_one_and_portable_saves(tmp_path, 
         train_dataset=rows("llama", n=6),
         callbacks=[callback, probe],
     )
-    with caplog.at_level(logging.INFO, logger="gradlora.trainer"):
+    with caplog.at_level(logging.INFO, logger="gradlora.integrations.transformers"):
         trainer.train()
     # once, on the first 2 micro-batches of the Trainer's dataloader, before the first step
     assert init_calls == [2] and callback.report.num_batches == 2
@@ -281,8 +281,8 @@ def test_errors_name_the_fix(tmp_path):
 
 def test_unwraps_data_parallel_and_compile_wrappers():
     model, _ = tiny_peft("llama", r=2)
-    assert gtrainer.unwrap_peft_model(torch.nn.DataParallel(model)) is model
-    assert gtrainer.unwrap_peft_model(torch.compile(model)) is model
+    assert peft_model_of(torch.nn.DataParallel(model)) is model
+    assert peft_model_of(torch.compile(model)) is model
     opt = gradlora.create_optimizer(torch.nn.DataParallel(model), "adamw", lr=1e-3)
     assert len(opt.param_groups[0]["params"]) == sum(p.requires_grad for p in model.parameters())
 

@@ -222,7 +222,7 @@ def test_works_as_trainer_optimizer(tmp_path):
 
 
 def test_batched_gram_inverses_match_the_per_pair_solve():
-    from gradlora.optim.preconditioned import gram_inverses
+    from gradlora.optim.gram import gram_inverses
 
     As = [rand(3, n, seed=i) for i, n in enumerate((7, 4, 9))]
     Bs = [rand(m, 3, seed=10 + i) * 0.1 for i, m in enumerate((5, 8, 2))]

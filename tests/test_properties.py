@@ -261,7 +261,7 @@ def test_batched_gram_inverses_match_float64_solve(p, copies):
     """The optimizer's batched path, (B^T B + λI)^-1 for a stack of equal-rank B (and A A^T for
     A), in fp32 on near-singular B: finite, and applied to g within the condition number times
     eps of the float64 solve, like the per-pair ``precondition``."""
-    from gradlora.optim.preconditioned import gram_inverses
+    from gradlora.optim.gram import gram_inverses
 
     A, B, gA, gB, damping = p
     eps32 = torch.finfo(torch.float32).eps

@@ -7,8 +7,6 @@ from a forward hook, or from the SVD) must propagate unchanged and leave the mod
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import (
@@ -19,11 +17,14 @@ from conftest import (
     tiny_base,
     tiny_peft,
 )
+from conftest import (
+    eval_logits as logits,
+)
 from peft import PeftModel, get_peft_model
 
 import gradlora
 import gradlora.inits
-from gradlora.peft_bridge import find_targets
+from gradlora.targets import find_targets
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,14 +46,6 @@ def init_fails_untouched(model, error, match, batches, **kw):
     assert_same_snapshot(before, model_snapshot(model))
     assert torch.equal(rng, torch.get_rng_state())
     return info.value
-
-
-def logits(model, batches):
-    model.eval()
-    with torch.no_grad():
-        return torch.cat(
-            [model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in batches]
-        )
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -120,98 +113,6 @@ def test_rank_larger_than_a_layer_lora_one():
         make_batches("llama"),
         method="lora-one",
     )
-
-
-# --- load_adapter: missing, corrupt or foreign checkpoints --------------------------------------
-
-
-@pytest.fixture
-def saved_ga(tmp_path):
-    """A LoRA-GA adapter of tiny llama written by save_adapter (converted, with sidecar)."""
-    model, _ = tiny_peft("llama", r=2)
-    gradlora.initialize(model, make_batches("llama"), num_batches=3, progress=False)
-    gradlora.save_adapter(model, tmp_path / "ga")
-    return tmp_path / "ga"
-
-
-def load_fails_untouched(base, path, match):
-    before = model_snapshot(base)
-    with pytest.raises(gradlora.GradLoraError, match=match):
-        gradlora.load_adapter(base, path)
-    assert_same_snapshot(before, model_snapshot(base))
-    assert not hasattr(base, "peft_config")
-    assert not any("lora" in name for name, _ in base.named_modules())
-
-
-def test_truncated_safetensors(saved_ga):
-    file = saved_ga / "adapter_model.safetensors"
-    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
-    load_fails_untouched(tiny_base("llama"), saved_ga, r"cannot read .*safetensors.*truncated")
-
-
-def test_adapter_of_another_architecture(saved_ga):
-    load_fails_untouched(tiny_base("gpt2"), saved_ga, r"does not fit this model.*not found")
-
-
-def test_converted_adapter_of_a_wider_model_leaves_base_untouched(saved_ga):
-    """get_peft_model succeeds here and the shape check fails after it: the injected LoRA
-    layers must be taken out again."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    load_fails_untouched(LlamaForCausalLM(cfg), saved_ga, r"has shapes .* needs")
-
-
-def test_plain_peft_adapter_of_another_model_leaves_base_untouched(tmp_path):
-    model, _ = tiny_peft("llama")
-    model.save_pretrained(tmp_path)
-    load_fails_untouched(tiny_base("gpt2"), tmp_path, r"does not fit this model")
-
-
-def test_corrupt_or_future_sidecar(saved_ga):
-    sidecar = saved_ga / "gradlora.json"
-    sidecar.write_text("{not json")
-    load_fails_untouched(tiny_base("llama"), saved_ga, r"gradlora.json is not valid JSON")
-    sidecar.write_text(json.dumps({"format": 2, "converted": True}))
-    load_fails_untouched(
-        tiny_base("llama"), saved_ga, r"has format 2; this gradlora reads format 1"
-    )
-
-
-def test_missing_folder(tmp_path):
-    load_fails_untouched(tiny_base("llama"), tmp_path / "nope", r"no adapter at .*adapter_config")
-
-
-def test_plain_peft_adapter_without_sidecar_loads_as_is(tmp_path):
-    """No sidecar means a plain peft adapter (e.g. model.save_pretrained of vanilla LoRA): it is
-    loaded as it is, trainable, and gives the saved model's outputs."""
-    model, _ = tiny_peft("gpt2")
-    for t in find_targets(model):  # make the adapter non-trivial
-        torch.nn.init.normal_(t.B, std=0.1)
-    model.save_pretrained(tmp_path)
-    assert not (tmp_path / "gradlora.json").exists()
-    batches = make_batches("gpt2")
-    loaded = gradlora.load_adapter(tiny_base("gpt2"), tmp_path)
-    torch.testing.assert_close(logits(loaded, batches), logits(model, batches), rtol=0, atol=0)
-    assert all(t.A.requires_grad and t.B.requires_grad for t in find_targets(loaded))
-    assert all(t.init_factors() is None for t in find_targets(loaded))
-
-
-def test_save_adapter_on_a_bare_module_with_lora_layers(tmp_path):
-    """inject_adapter_in_model gives LoRA layers but no PeftModel (no config to write)."""
-    from peft import inject_adapter_in_model
-
-    model = inject_adapter_in_model(lora_config("llama"), tiny_base("llama"))
-    with pytest.raises(gradlora.GradLoraError, match=r"save_adapter needs a peft.PeftModel"):
-        gradlora.save_adapter(model, tmp_path / "x")
-    assert not (tmp_path / "x").exists()
 
 
 # --- faults during capture and SVD --------------------------------------------------------------

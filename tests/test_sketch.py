@@ -12,7 +12,6 @@ from conftest import (
 
 import gradlora
 from gradlora.capture import SketchAccumulator, capture
-from gradlora.peft_bridge import find_targets
 from gradlora.sketch import sketch_sizes, sketch_svds
 from gradlora.spectral import (
     captured_energy,
@@ -21,6 +20,7 @@ from gradlora.spectral import (
     gaussian_test_matrix,
     sketch_svd,
 )
+from gradlora.targets import find_targets
 
 
 def planted(m, n, spectrum, seed=0):
