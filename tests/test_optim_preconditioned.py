@@ -97,7 +97,7 @@ def test_steps_match_hand_computation(bias_correction):
 def test_non_pair_parameters_get_plain_adamw():
     w = torch.nn.Parameter(rand(4, 4))
     ref = torch.nn.Parameter(w.detach().clone())
-    ours = PreconditionedAdamW([w], lr=1e-2, weight_decay=0.05)
+    ours = PreconditionedAdamW([{"params": [w], "lora_pairs": False}], lr=1e-2, weight_decay=0.05)
     theirs = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.05)
     for t in range(3):
         w.grad = rand(4, 4, seed=t)

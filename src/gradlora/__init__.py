@@ -8,6 +8,7 @@ from .initialization import InitReport, LayerReport, initialize
 from .integrations.transformers import GradLoraCallback
 from .optim import (
     LoraProAdamW,
+    OptimizerFactory,
     PreconditionedAdamW,
     create_lora_pro_optimizer,
     create_optimizer,
@@ -20,6 +21,7 @@ __all__ = [
     "InitReport",
     "LayerReport",
     "LoraProAdamW",
+    "OptimizerFactory",
     "PreconditionedAdamW",
     "__version__",
     "create_lora_pro_optimizer",

@@ -158,6 +158,14 @@ def batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None, index: int)
     if loss_fn is not None:
         loss = loss_fn(model, batch)
     elif isinstance(batch, Mapping):
+        loose = [k for k, v in batch.items() if v is not None and not isinstance(v, Tensor)]
+        if loose:
+            raise GradLoraError(
+                f"batch {index} is not collated: {loose[0]!r} is a {type(batch[loose[0]]).__name__}, "
+                "not a tensor (a datasets.Dataset or a list of examples yields such rows); pass "
+                "collated batches, e.g. torch.utils.data.DataLoader(dataset, batch_size=8, "
+                "collate_fn=transformers.DataCollatorWithPadding(tokenizer)), or a loss_fn"
+            )
         out = model(**batch)
         # ModelOutput, a plain dict with "loss", or the loss tensor itself
         loss = out if isinstance(out, Tensor) else getattr(out, "loss", None)

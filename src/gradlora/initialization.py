@@ -7,10 +7,13 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist_
+from .adapter_io import install_portable_save
 from .capture import LossFn, capture
 from .errors import GradLoraError
 from .inits import check_rank, init_from_gradient, init_from_svd, make_method
@@ -31,7 +34,8 @@ class LayerReport:
 class InitReport:
     method: str  # "lora-ga" or "lora-one"
     options: dict[str, Any]  # the method's options, defaults filled in
-    num_batches: int  # batches the gradient was averaged over
+    num_batches: int  # batches the gradient was averaged over, all ranks together
+    ranks: int = 1  # processes whose batches were averaged (data-parallel init)
     gradient: str = "exact"  # how G was held: "exact" (fp32 accumulators) or "sketch"
     gradient_options: dict[str, Any] = field(default_factory=dict)  # sketch passes, oversample
     layers: dict[str, LayerReport] = field(default_factory=dict)  # by base-model module name
@@ -44,9 +48,14 @@ class InitReport:
     def summary(self) -> str:
         mib = 2**20
         sigma1 = max((lr.singular_values[0] for lr in self.layers.values()), default=0.0)
+        per_rank = (
+            f"({self.num_batches // self.ranks} on each of {self.ranks} ranks) "
+            if self.ranks > 1
+            else ""
+        )
         return (
             f"{self.method} init of {len(self.layers)} layers from {self.num_batches} batches "
-            f"({self.gradient} gradient): "
+            f"{per_rank}({self.gradient} gradient): "
             f"capture {self.capture.seconds:.2f} s (peak {self.capture.peak_bytes / mib:.0f} MiB, "
             f"+{self.capture.increase_bytes / mib:.0f}), SVD {self.svd.seconds:.2f} s "
             f"(peak {self.svd.peak_bytes / mib:.0f} MiB) [{self.capture.metric}]; "
@@ -101,6 +110,11 @@ def initialize(
     per-process init; ``process_group`` restricts the reduction to a group. A model wrapped in
     DistributedDataParallel is initialized through its ``.module``.
     """
+    if torch.is_inference_mode_enabled():
+        raise GradLoraError(
+            "initialize was called under torch.inference_mode(), where no gradient can be "
+            "computed; call it outside the inference_mode block"
+        )
     spec = make_method(method, **options)
     model = unwrap(model)
     sync = dist_.resolve(distributed, process_group)
@@ -154,12 +168,15 @@ def initialize(
             layers[name] = LayerReport(shape=t.shape, rank=t.rank, singular_values=S.tolist())
 
     write_factors(targets, factors, offset_base=spec.offsets_base)
+    if spec.offsets_base and isinstance(model, PeftModel):
+        install_portable_save(model)  # peft's own save_pretrained (and the Trainer's) stays right
     if sync:
         dist_.synchronize_targets(targets, process_group)
     return InitReport(
         method=spec.name,
         options=asdict(spec),
         num_batches=used,
+        ranks=dist_.world_size(process_group) if sync else 1,
         gradient=mode,
         gradient_options=(
             {"passes": sketch_passes, "oversample": sketch_oversample} if mode == "sketch" else {}

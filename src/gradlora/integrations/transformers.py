@@ -42,7 +42,7 @@ class GradLoraCallback(TrainerCallback):
     (with labels), or anything ``loss_fn(model, batch)`` turns into a scalar loss. ``progress``
     defaults to ``not args.disable_tqdm``.
 
-    After the init, ``callback.report`` holds the ``InitReport`` and a one-line summary is logged
+    After the init, ``callback.report`` holds the ``InitReport`` and a one-line summary is logged at WARNING
     (logger ``gradlora.integrations.transformers``). The init runs once: not again on a second ``train()`` call, and
     not on ``resume_from_checkpoint`` (the checkpoint's trained adapter is loaded instead; for
     LoRA-GA the base weights are offset again from the factors saved with it). For LoRA-GA,
@@ -113,4 +113,5 @@ class GradLoraCallback(TrainerCallback):
             progress=progress,
             **self.options,
         )
-        logger.info("gradlora: %s", self.report.summary())
+        # WARNING: the level transformers users see by default (its own INFO is hidden)
+        logger.warning("gradlora: %s", self.report.summary())

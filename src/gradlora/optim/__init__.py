@@ -4,11 +4,12 @@ the registry that builds any of gradlora's optimizers by name."""
 from .lora_pro import LoraProAdamW, create_lora_pro_optimizer, lora_pro_adjust
 from .pairing import LoraPair, find_lora_pairs, split_trainable
 from .preconditioned import PreconditionedAdamW, create_preconditioned_optimizer, precondition
-from .registry import OPTIMIZERS, create_optimizer
+from .registry import OPTIMIZERS, OptimizerFactory, create_optimizer
 
 __all__ = [
     "OPTIMIZERS",
     "LoraPair",
+    "OptimizerFactory",
     "LoraProAdamW",
     "PreconditionedAdamW",
     "create_lora_pro_optimizer",

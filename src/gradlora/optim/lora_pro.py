@@ -31,7 +31,13 @@ from ..errors import GradLoraError
 from ..precision import math_dtype
 from .adamw import adam_direction_, adamw_foreach_, check_hyperparameters
 from .gram import damped_eigh, inverse_from_eigh, solve_sylvester_psd
-from .pairing import check_pair_group, group_by_rank, pair_param_groups, split_trainable
+from .pairing import (
+    check_pair_group,
+    group_by_rank,
+    pair_param_groups,
+    require_pair_groups,
+    split_trainable,
+)
 
 log = logging.getLogger("gradlora")
 MODES = ("efficient", "full")
@@ -145,7 +151,7 @@ class LoraProAdamW(Optimizer):
             lora_pairs=False,
             scalings=None,
         )
-        super().__init__(params, defaults)
+        super().__init__(require_pair_groups(params, "LoraProAdamW", "lora-pro"), defaults)
         for group in self.param_groups:
             if group["lora_pairs"]:
                 _check_group(group)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -59,6 +61,27 @@ def split_trainable(model: nn.Module) -> tuple[list[LoraPair], list[nn.Parameter
             )
         others.append(p)
     return pairs, others
+
+
+def require_pair_groups(params: Iterable[Any], optimizer: str, name: str) -> list[Any]:
+    """``params`` as a list, refused unless some group states ``lora_pairs`` (True or False).
+
+    Groups that never mention it are what ``Trainer(optimizer_cls_and_kwargs=(cls, kw))`` and
+    other generic builders pass: plain parameters, with no way to pair A with B, so the
+    optimizer would silently be AdamW. Build it from the model instead.
+    """
+    params = list(params)
+    if not any(isinstance(g, Mapping) and "lora_pairs" in g for g in params):
+        raise GradLoraError(
+            f"{optimizer} got plain parameter groups (as Trainer(optimizer_cls_and_kwargs=...) "
+            "passes them), so it cannot pair each LoRA A with its B and would silently be plain "
+            f"AdamW. Build it from the model: gradlora.create_optimizer(model, {name!r}, lr=...) "
+            "with Trainer(optimizers=(opt, None)), or let the Trainer build it with "
+            f"Trainer(optimizer_cls_and_kwargs=(gradlora.OptimizerFactory({name!r}), "
+            '{"lr": ...})); for parameters that are deliberately unpaired, pass a group with '
+            '"lora_pairs": False'
+        )
+    return params
 
 
 def check_pair_group(params: list[Tensor], factory: str) -> None:

@@ -19,7 +19,13 @@ from ..errors import GradLoraError
 from ..precision import math_dtype
 from .adamw import adamw_foreach_, check_hyperparameters
 from .gram import damped_inverse, gram_inverses
-from .pairing import check_pair_group, group_by_rank, pair_param_groups, split_trainable
+from .pairing import (
+    check_pair_group,
+    group_by_rank,
+    pair_param_groups,
+    require_pair_groups,
+    split_trainable,
+)
 
 
 def precondition(
@@ -70,7 +76,9 @@ class PreconditionedAdamW(Optimizer):
             bias_correction=bias_correction,
             lora_pairs=False,
         )
-        super().__init__(params, defaults)
+        super().__init__(
+            require_pair_groups(params, "PreconditionedAdamW", "preconditioned"), defaults
+        )
         for group in self.param_groups:
             if group["lora_pairs"]:
                 check_pair_group(group["params"], "create_preconditioned_optimizer")

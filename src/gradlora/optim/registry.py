@@ -6,6 +6,7 @@ build their optimizers here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -53,3 +54,25 @@ def create_optimizer(model: nn.Module, name: str, lr: float, **kwargs: Any) -> O
     if name not in OPTIMIZERS:
         raise GradLoraError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
     return OPTIMIZERS[name](unwrap(model), lr, **kwargs)
+
+
+class OptimizerFactory:
+    """A gradlora optimizer for ``Trainer(optimizer_cls_and_kwargs=(factory, kwargs))`` (also
+    TRL's trainers): ``OptimizerFactory("lora-pro")`` with ``{"lr": 1e-3, "mode": "full"}``.
+
+    transformers calls a non-Optimizer first element with no arguments and the result with
+    ``(model, **kwargs)``, so the optimizer is built from the model it trains and finds its
+    LoRA pairs, as ``create_optimizer(model, name, **kwargs)`` does. The Trainer's own
+    ``weight_decay`` is not passed on: put it in ``kwargs``.
+    """
+
+    def __init__(self, name: str):
+        if name not in OPTIMIZERS:
+            raise GradLoraError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+        self.name = name
+
+    def __call__(self) -> Callable[..., Optimizer]:
+        return functools.partial(create_optimizer, name=self.name)
+
+    def __repr__(self) -> str:
+        return f"OptimizerFactory({self.name!r})"
