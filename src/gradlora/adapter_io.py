@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .atomic import write_files
 from .errors import GradLoraError
 from .flags import ModuleFlags
+from .signature import MAX_RELATIVE_DIFFERENCE, relative_difference, weight_signature
 from .targets import LoraTarget, find_targets, is_offset, unwrap
 from .write import write_factors
 
@@ -96,7 +97,16 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
         config = copy.deepcopy(config)
         config.init_lora_weights = True
     state = {k: v.detach().contiguous().cpu().clone() for k, v in state.items()}
-    sidecar = {"format": 1, "converted": converted, "rank_factor": 2 if converted else 1}
+    sidecar = {
+        "format": 1,
+        "converted": converted,
+        "rank_factor": 2 if converted else 1,
+        # the weights the adapter is relative to: the originals (before any offset)
+        "base": {
+            t.name: t.original_signature() or weight_signature(t.weight_mn(), t.name)
+            for t in targets
+        },
+    }
 
     def write(tmp: Path) -> None:
         config.save_pretrained(str(tmp))
@@ -159,6 +169,29 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     return sidecar
 
 
+def _check_base_of(model: nn.Module, sidecar: Mapping[str, Any], path: Path) -> None:
+    """Refuse a base whose target weights are not the ones the adapter at ``path`` is relative
+    to (``signature.py``: more than 1% apart in Frobenius norm), e.g. a base already offset by
+    a LoRA-GA init. Sidecars written before signatures existed are not checked."""
+    saved = sidecar.get("base")
+    if not saved:
+        return
+    for t in find_targets(model):
+        if t.name not in saved:
+            continue  # the layer set itself is checked by the loaders
+        current = t.original_signature() or weight_signature(t.weight_mn(), t.name)
+        diff = relative_difference(saved[t.name], current)
+        if diff > MAX_RELATIVE_DIFFERENCE:
+            raise GradLoraError(
+                f"the base model does not match the adapter at {path}: layer {t.name!r} differs "
+                f"from the weights the adapter was trained against by about {diff:.1%} of their "
+                f"norm (at most {MAX_RELATIVE_DIFFERENCE:.0%} allowed). A base already offset by "
+                "a gradlora LoRA-GA init (e.g. model.unload() after initialize) or another "
+                "checkpoint differs like this: load onto a freshly loaded original base model, "
+                "or pass check_base=False to load anyway"
+            )
+
+
 def is_converted(path: Any) -> bool:
     """Whether ``path`` is a folder holding an adapter that ``save_adapter`` converted."""
     if (
@@ -187,6 +220,7 @@ def load_adapter(
     *,
     adapter_name: str = "default",
     is_trainable: bool = True,
+    check_base: bool = True,
 ) -> PeftModel:
     """Load an adapter written by ``save_adapter`` onto the ORIGINAL base model, ready to train on.
 
@@ -195,29 +229,38 @@ def load_adapter(
     where it stopped. Any other adapter (gradlora's unconverted ones, or a plain peft adapter
     without gradlora's sidecar) is loaded as it is with ``PeftModel.from_pretrained``.
     A missing, truncated or foreign checkpoint raises GradLoraError and leaves ``base_model``
-    exactly as it was (no LoRA layers injected, flags and modes restored).
+    exactly as it was (no LoRA layers injected, flags and modes restored). With ``check_base``
+    the base's target weights must be the ones the adapter was saved against (within 1% in
+    Frobenius norm, ``signature.py``): loading onto an already-offset base would offset twice.
     """
     path = Path(path)
-    converted = read_sidecar(path).get("converted")
+    sidecar = read_sidecar(path)
+    converted = sidecar.get("converted")
     # read whenever present, so a truncated file is one clear error for every kind of adapter
     saved = _read_weights(path / WEIGHTS) if (path / WEIGHTS).exists() else None
     with _restored_on_error(base_model, path):
         if not converted:
-            return PeftModel.from_pretrained(
+            model = PeftModel.from_pretrained(
                 base_model, str(path), adapter_name=adapter_name, is_trainable=is_trainable
             )
+            if check_base:
+                _check_base_of(model, sidecar, path)
+            return model
         if saved is None:
             raise GradLoraError(f"adapter at {path} has no {WEIGHTS}")
         saved_config = LoraConfig.from_pretrained(str(path))
         config = _resize_config(saved_config, 0.5, 1 / _alpha_factor(saved_config))
         config.inference_mode = not is_trainable
         model = get_peft_model(base_model, config, adapter_name=adapter_name)
-        load_converted_into(model, path, saved)
+        load_converted_into(model, path, saved, check_base=check_base)
         return model
 
 
 def load_converted_into(
-    model: PeftModel, path: str | os.PathLike, saved: Mapping[str, Tensor] | None = None
+    model: PeftModel,
+    path: str | os.PathLike,
+    saved: Mapping[str, Tensor] | None = None,
+    check_base: bool = True,
 ) -> None:
     """Load a rank-2r adapter written by ``save_adapter`` (``saved``: its weights, read from
     ``path`` if None) into ``model``'s active rank-r adapter, in place (tensors keep their
@@ -246,6 +289,8 @@ def load_converted_into(
                 f"the model's base weights are already offset by a different LoRA-GA init than the "
                 f"adapter at {path}; load it on a fresh PeftModel of the original base model"
             )
+    if check_base:
+        _check_base_of(model, read_sidecar(path), path)  # before anything is written
     with torch.no_grad():
         result = set_peft_model_state_dict(model, state, adapter_name=targets[0].adapter)
     adapter = targets[0].adapter

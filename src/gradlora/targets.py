@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from .errors import GradLoraError
 
 WEIGHT0 = "gradlora_weight0"  # buffer name of the init factors A0 / B0 on lora_A / lora_B
+BASE_SIGNATURE = "gradlora_base_signature"  # on lora_A: signature.py's of W before the offset
 PEFT_PREFIX = "base_model.model."
 
 
@@ -64,6 +65,12 @@ class LoraTarget:
     def weight_mn(self) -> Tensor:
         """The base weight as an (m, n) view, whatever its storage."""
         return self.weight.T if self.transposed else self.weight
+
+    def original_signature(self) -> list[float] | None:
+        """``signature.weight_signature`` of the base weight before the init offset it (None if
+        it was never offset)."""
+        sig = getattr(self.layer.lora_A[self.adapter], BASE_SIGNATURE, None)
+        return None if sig is None else sig.tolist()
 
     def init_factors(self) -> tuple[Tensor, Tensor] | None:
         """(A0, B0) stored at init, or None if this layer's base weight was never offset."""

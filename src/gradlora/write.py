@@ -15,7 +15,8 @@ from torch import Tensor
 
 from . import inits
 from .errors import GradLoraError
-from .targets import WEIGHT0, LoraTarget
+from .signature import weight_signature
+from .targets import BASE_SIGNATURE, WEIGHT0, LoraTarget
 
 
 def write_factors(
@@ -29,7 +30,8 @@ def write_factors(
 
     For each target, (A0 (r, n), B0 (m, r)) = factors[target.name] is cast to the adapter's dtype;
     with ``set_adapter_weights`` A and B are set to it; with ``offset_base`` the base weight
-    becomes W - s B0 A0 (fp32 math, see inits.offset_weight) and A0, B0 are kept as buffers.
+    becomes W - s B0 A0 (fp32 math, see inits.offset_weight) and A0, B0 are kept as buffers,
+    with the signature of W before the offset (``signature.py``, for the portable adapter).
     Every factor's shape is checked before anything is written. If anything fails midway (out
     of memory, interrupt) every layer is put back as it was.
     """
@@ -52,6 +54,8 @@ def write_factors(
                 old_w = t.weight.detach().clone() if offset_base else None
                 undo.append((t, t.A.detach().clone(), t.B.detach().clone(), old_w))
                 if offset_base:
+                    sig = torch.tensor(weight_signature(t.weight_mn(), t.name), dtype=torch.float64)
+                    t.layer.lora_A[t.adapter].register_buffer(BASE_SIGNATURE, sig, persistent=False)
                     new_w = inits.offset_weight(t.weight_mn(), A0, B0, t.scaling)
                     t.weight.copy_(new_w.T if t.transposed else new_w)
                     t.layer.lora_A[t.adapter].register_buffer(WEIGHT0, A0.clone(), persistent=False)
@@ -68,4 +72,5 @@ def write_factors(
                     t.weight.copy_(old_w)
                     for module in (t.layer.lora_A[t.adapter], t.layer.lora_B[t.adapter]):
                         module._buffers.pop(WEIGHT0, None)
+                        module._buffers.pop(BASE_SIGNATURE, None)
         raise
