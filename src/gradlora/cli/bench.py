@@ -50,6 +50,7 @@ class Bench:
     """One benchmark: the task, its fixed batches, and the run store under ``out_dir``."""
 
     def __init__(self, cfg: BenchConfig, out_dir: str | Path, log: Callable[[str], None] = print):
+        cfg.validate()
         unknown = [m for m in cfg.methods if m not in RECIPES]
         if unknown or not cfg.methods:
             raise GradLoraError(f"unknown method(s) {unknown}; choose from {', '.join(RECIPES)}")

@@ -11,11 +11,13 @@ from typing import Any
 
 import torch
 
+from ..errors import GradLoraError
 from .tasks import CLASSIFICATION
 
 # bump when a change of the code changes what a bench run with the same settings computes
 PROTOCOL_VERSION = 1
 DEFAULT_METHODS = ["lora", "lora-ga", "lora-one", "lora-pro", "full"]
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -38,6 +40,29 @@ class RunConfig:
     num_layers: int | None = None  # keep only the first transformer blocks (tests, smoke runs)
     device: str = "auto"  # "auto": cuda if available, else cpu
     progress: bool = True  # tqdm bars
+
+    def validate(self) -> None:
+        """Refuse a setting no run can use, naming its flag; called before anything is loaded."""
+        _at_least("--steps", self.steps, 1)
+        _at_least("--batch-size", self.batch_size, 1)
+        _at_least("--max-length", self.max_length, 1)
+        _at_least("--rank", self.rank, 1)
+        _at_least("--init-batches", self.init_batches, 1)
+        _at_least("--num-layers", self.num_layers, 1)
+        _positive("--alpha", self.alpha)
+        _positive("--val-size", self.val_size)
+        _positive("--test-size", self.test_size)
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise GradLoraError(
+                f"--weight-decay must be a finite number >= 0; got {self.weight_decay:g}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise GradLoraError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
+            raise GradLoraError(
+                f"--warmup-steps must be between 0 and --steps ({self.steps}); "
+                f"got {self.warmup_steps}"
+            )
 
     @property
     def warmup(self) -> int:
@@ -86,6 +111,15 @@ class BenchConfig(RunConfig):
     select: str = "val-loss"  # "val-loss" (lowest) or "val-acc" (highest) picks the best lr
     smooth_window: int = 20  # trailing mean of the reported training loss
 
+    def validate(self) -> None:
+        super().validate()
+        for method, grid in self.lrs.items():
+            bad = [lr for lr in grid if not (math.isfinite(lr) and lr > 0)]
+            if bad:
+                raise GradLoraError(
+                    f"--lrs {method}: learning rates must be finite numbers > 0; got {bad[0]:g}"
+                )
+
 
 @dataclass
 class TrainConfig(RunConfig):
@@ -100,6 +134,23 @@ class TrainConfig(RunConfig):
     save_every: int = 0  # checkpoint every N steps (0: never)
     resume: bool = False  # continue from OUT/checkpoint.pt if it exists
     out: str = "runs/train"  # output folder
+
+    def validate(self) -> None:
+        super().validate()
+        _positive("--lr", self.lr)
+        _at_least("--save-every", self.save_every, 0, "(0: never)")
+
+
+def _at_least(flag: str, value: int | None, low: int, note: str = "") -> None:
+    """A whole-number setting (None: its default) must be >= ``low``."""
+    if value is not None and value < low:
+        raise GradLoraError(f"{flag} must be >= {low}{' ' + note if note else ''}; got {value}")
+
+
+def _positive(flag: str, value: float | None) -> None:
+    """A real setting (None: its default) must be a finite number > 0."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise GradLoraError(f"{flag} must be a finite number > 0; got {value:g}")
 
 
 def digest(spec: dict[str, Any], length: int) -> str:

@@ -47,7 +47,7 @@ examples:
 Data files: CSV, TSV, JSONL or JSON (a list of objects). With a label column (default "label")
 the task is classification; labels may be integers (class ids) or any strings ("pos"/"neg"),
 numbered in sorted order (the mapping is printed and saved). Without one, the text is used for
-causal language modelling. 10%% of the rows are held out as validation and 10%% as test.
+causal language modelling. 10% of the rows are held out as validation and 10% as test.
 
 Output: OUT/adapter (a plain peft adapter; load it with PeftModel.from_pretrained on the
 ORIGINAL base model, also after LoRA-GA, PiSSA or peft's LoRA-GA) or OUT/model (full
@@ -298,6 +298,7 @@ def _bench(args) -> int:
         extra_seeds_for=extra,
         select=args.select,
     )
+    cfg.validate()  # before any data, model or gradient is touched
     results, bench = run_bench(cfg, args.out)
     print(format_table(results))
     print(
@@ -320,6 +321,7 @@ def _train(args) -> int:
         resume=args.resume,
         out=args.out,
     )
+    cfg.validate()  # before any data, model or gradient is touched
     return main_train(cfg)
 
 

@@ -43,6 +43,17 @@ DATASETS = {
     "hamlet": "the text of Hamlet cut into chunks of --max-length tokens (causal LM)",
 }
 CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
+# a folder holds a tokenizer if it has one of these (tokenizer.save_pretrained writes the first
+# two; older models ship only their vocabulary files)
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 @dataclass
@@ -116,6 +127,28 @@ def _split(data: TextData, val: int, test: int, seed: int = 0) -> dict[str, Text
 def _held_out(n: int, size: int | float) -> int:
     """A count from an absolute size (>= 1) or a fraction (< 1) of n."""
     return int(size) if size >= 1 else int(round(size * n))
+
+
+def load_tokenizer(model_path: str):
+    """The tokenizer saved in the model folder (a pad token set to EOS where it has none).
+
+    transformers builds an empty tokenizer for some architectures from config.json alone, so a
+    folder without tokenizer files is refused here rather than trained on garbage tokens."""
+    fix = f"save the model's tokenizer there with tokenizer.save_pretrained({model_path!r})"
+    if not any((Path(model_path) / name).is_file() for name in TOKENIZER_FILES):
+        raise GradLoraError(
+            f"{model_path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); {fix}"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, TypeError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise GradLoraError(
+            f"the tokenizer in {model_path} does not load ({reason}); {fix}"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _chunk_text(tokenizer, text: str, max_length: int) -> list[str]:
@@ -259,9 +292,7 @@ def load_task(
             + found
             + "; give the label column with --label-column, or use a causal LM such as --model smollm2"
         )
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(model_path)
     if splits is None:  # hamlet
         chunks = _chunk_text(tokenizer, hamlet_text(), max_length)
         splits = _split(

@@ -110,6 +110,7 @@ def _differing(model: torch.nn.Module, ranks: Ranks) -> list[str]:
 
 def main_train(cfg: TrainConfig) -> int:
     """``gradlora train``: one process, or one of torchrun's (then the group is left at the end)."""
+    cfg.validate()
     ranks = start(cfg.device)
     try:
         return _main_train(cfg, ranks)
