@@ -55,13 +55,6 @@ fine-tuning), OUT/train.json (settings, losses, validation and test metrics).
 """
 
 
-def _methods_help() -> str:
-    return "; ".join(
-        f"{name}: {m.about} (lr {m.lr['classification']:g} / LM {m.lr['causal-lm']:g})"
-        for name, m in RECIPES.items()
-    )
-
-
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
