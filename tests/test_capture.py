@@ -9,7 +9,8 @@ from conftest import (
 )
 
 import gradlora
-from gradlora.capture import ExactAccumulator, capture
+from gradlora.accumulators import ExactAccumulator
+from gradlora.capture import capture
 from gradlora.targets import find_targets
 
 

@@ -11,7 +11,8 @@ from conftest import (
 )
 
 import gradlora
-from gradlora.capture import SketchAccumulator, capture
+from gradlora.accumulators import SketchAccumulator
+from gradlora.capture import capture
 from gradlora.sketch import sketch_sizes, sketch_svds
 from gradlora.spectral import (
     captured_energy,

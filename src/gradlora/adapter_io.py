@@ -34,7 +34,7 @@ from .errors import GradLoraError
 from .flags import ModuleFlags
 from .signature import MAX_RELATIVE_DIFFERENCE, relative_difference, weight_signature
 from .targets import LoraTarget, find_targets, is_offset, unwrap
-from .write import write_factors
+from .write import resolve_offset, write_factors
 
 SIDECAR = "gradlora.json"  # written beside adapter_config.json; plain peft ignores it
 WEIGHTS = "adapter_model.safetensors"
@@ -221,12 +221,14 @@ def load_adapter(
     adapter_name: str = "default",
     is_trainable: bool = True,
     check_base: bool = True,
+    offset: str = "auto",
 ) -> PeftModel:
     """Load an adapter written by ``save_adapter`` onto the ORIGINAL base model, ready to train on.
 
     A converted (rank-2r) adapter is split back into the rank-r trainable A, B and the frozen
-    A0, B0, and the base weight is offset again (W' = W - s B0 A0), so training resumes exactly
-    where it stopped. Any other adapter (gradlora's unconverted ones, or a plain peft adapter
+    A0, B0, and the offset is applied again (``offset``: "weight" rewrites W' = W - s B0 A0,
+    "adapter" keeps W and subtracts s B0 A0 x in the layer, "auto" picks "adapter" for
+    quantized bases), so training resumes exactly where it stopped. Any other adapter (gradlora's unconverted ones, or a plain peft adapter
     without gradlora's sidecar) is loaded as it is with ``PeftModel.from_pretrained``.
     A missing, truncated or foreign checkpoint raises GradLoraError and leaves ``base_model``
     exactly as it was (no LoRA layers injected, flags and modes restored). With ``check_base``
@@ -252,7 +254,7 @@ def load_adapter(
         config = _resize_config(saved_config, 0.5, 1 / _alpha_factor(saved_config))
         config.inference_mode = not is_trainable
         model = get_peft_model(base_model, config, adapter_name=adapter_name)
-        load_converted_into(model, path, saved, check_base=check_base)
+        load_converted_into(model, path, saved, check_base=check_base, offset=offset)
         return model
 
 
@@ -261,6 +263,7 @@ def load_converted_into(
     path: str | os.PathLike,
     saved: Mapping[str, Tensor] | None = None,
     check_base: bool = True,
+    offset: str = "auto",
 ) -> None:
     """Load a rank-2r adapter written by ``save_adapter`` (``saved``: its weights, read from
     ``path`` if None) into ``model``'s active rank-r adapter, in place (tensors keep their
@@ -298,7 +301,8 @@ def load_converted_into(
     if unexpected:
         raise GradLoraError(f"adapter at {path} has weights the model lacks: {unexpected[:5]}")
     if all(s is None for s in stored):
-        write_factors(targets, factors, offset_base=True, set_adapter_weights=False)
+        mode = resolve_offset(offset, targets)
+        write_factors(targets, factors, offset_base=True, mode=mode, set_adapter_weights=False)
 
 
 @contextlib.contextmanager

@@ -1,13 +1,9 @@
-"""Gradient estimation at the pre-trained weights (docs/algorithms.md, section 1).
+"""Gradient estimation at the pre-trained weights (docs/algorithms.md, section 1): the engine.
 
 G = mean over N batches of dL_b/dW for every LoRA-targeted base weight W (m, n), in fp32.
-The engine (``capture``) runs forward/backward passes with only the target weights requiring
-grad and the LoRA branches bypassed, and hands each layer's signal to a per-layer accumulator:
-the one seam where other estimators and a cross-rank reduction plug in.
-``ExactAccumulator`` keeps an fp32 (m, n) sum, filled by a post-accumulate-grad hook that frees
-``.grad`` at once, so one weight gradient is live at a time. ``SketchAccumulator`` never forms G:
-module hooks capture each layer's input x and output gradient delta = dL/dy and accumulate the
-products G M and L G with fixed thin matrices M, L (the sketch passes of ``gradlora.sketch``).
+``capture`` runs forward/backward passes with at most the target weights requiring grad and
+the LoRA branches bypassed, and hands each layer's signal to a per-layer accumulator
+(``gradlora.accumulators``): the one seam where estimators and a cross-rank reduction plug in.
 """
 
 from __future__ import annotations
@@ -16,129 +12,18 @@ import itertools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack, contextmanager
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
+from .accumulators import Accumulator, exact_accumulator
 from .errors import GradLoraError
 from .flags import ModuleFlags
-from .precision import math_dtype
-from .targets import LoraTarget, find_targets
+from .targets import LoraTarget, check_gradient_flows, find_targets
 
 LossFn = Callable[[nn.Module, Any], Tensor]
-
-
-class Accumulator(Protocol):
-    """Collects one target layer's gradient signal during capture."""
-
-    target: LoraTarget
-    hits: int  # backward passes that reached this layer
-    needs_weight_grad: bool  # whether the engine must make the base weight require grad
-
-    def attach(self) -> list[RemovableHandle]:
-        """Install the hooks that feed this accumulator; the engine removes them."""
-        ...
-
-    def state(self) -> list[Tensor]:
-        """The running sums: all-reduced (summed) across ranks before ``result``."""
-        ...
-
-    def result(self, num_batches: int) -> Any:
-        """The estimate after ``num_batches`` batches (here: G, (m, n) fp32)."""
-        ...
-
-
-class ExactAccumulator:
-    """Sum of dL/dW in fp32, (m, n) whatever W's storage; memory 4 bytes per weight entry."""
-
-    needs_weight_grad = True
-
-    def __init__(self, target: LoraTarget):
-        self.target = target
-        self.hits = 0
-        m, n = target.shape
-        dtype = math_dtype(target.weight)
-        self.total = torch.zeros(m, n, dtype=dtype, device=target.weight.device)
-
-    def attach(self) -> list[RemovableHandle]:
-        transposed = self.target.transposed
-
-        def add_and_free(param: nn.Parameter) -> None:
-            self.total.add_(param.grad.T if transposed else param.grad)
-            self.hits += 1
-            param.grad = None
-
-        return [self.target.weight.register_post_accumulate_grad_hook(add_and_free)]
-
-    def state(self) -> list[Tensor]:
-        return [self.total]
-
-    def result(self, num_batches: int) -> Tensor:
-        """G = total / N, divided in place (no second (m, n) buffer): call it once."""
-        return self.total.div_(num_batches)
-
-
-class SketchAccumulator:
-    """Sums of G @ M (m, k) and L @ G (l, n) for fixed ``right`` M (n, k) and ``left`` L (l, m).
-
-    For a linear layer y = x W^T, dL/dW = sum_t delta_t^T x_t over tokens t, so
-    G M = sum_t delta_t^T (x_t M) and L G = sum_t (L delta_t^T) x_t: no weight gradient and no
-    (m, n) buffer, per batch or in total. x (T, n) and delta (T, m) come from a forward hook on the
-    base layer and a gradient hook on its output; products are taken and summed in fp32. Either
-    side may be None (not accumulated). Memory: (m + n) k + l n floats per layer.
-    """
-
-    needs_weight_grad = False
-
-    def __init__(self, target: LoraTarget, right: Tensor | None = None, left: Tensor | None = None):
-        self.target = target
-        self.hits = 0
-        m, n = target.shape
-        device = target.weight.device
-        self.right, self.left = right, left
-        self.GR = None if right is None else torch.zeros(m, right.shape[1], device=device)
-        self.LG = None if left is None else torch.zeros(left.shape[0], n, device=device)
-
-    def _add(self, x: Tensor, delta: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        d = delta.reshape(-1, delta.shape[-1]).float()
-        if self.GR is not None:
-            self.GR.addmm_(d.T, x @ self.right)
-        if self.LG is not None:
-            self.LG.addmm_(self.left @ d.T, x)
-        self.hits += 1
-
-    def attach(self) -> list[RemovableHandle]:
-        def on_forward(module: nn.Module, args: tuple, y: Tensor) -> Tensor:
-            if not args or not isinstance(args[0], Tensor):
-                raise GradLoraError(
-                    f"layer {self.target.name!r} was called without a tensor input; "
-                    "gradient='sketch' needs it as the first positional argument"
-                )
-            x = args[0]
-            if not y.requires_grad:
-                # nothing upstream requires grad (all weights are frozen): start the graph here,
-                # and drop the leaf's accumulated .grad at once
-                y = y.detach().requires_grad_()
-                y.register_post_accumulate_grad_hook(_drop_grad)
-            y.register_hook(lambda delta: self._add(x, delta))
-            return y
-
-        return [self.target.layer.get_base_layer().register_forward_hook(on_forward)]
-
-    def state(self) -> list[Tensor]:
-        return [s for s in (self.GR, self.LG) if s is not None]
-
-    def result(self, num_batches: int) -> tuple[Tensor | None, Tensor | None]:
-        """(G M, L G) for the mean gradient G, i.e. the sums divided by ``num_batches``."""
-        return tuple(None if s is None else s / num_batches for s in (self.GR, self.LG))
-
-
-def _drop_grad(tensor: Tensor) -> None:
-    tensor.grad = None
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -252,7 +137,7 @@ def capture(
     num_batches: int = 8,
     loss_fn: LossFn | None = None,
     progress: bool = True,
-    make_accumulator: Callable[[LoraTarget], Accumulator] = ExactAccumulator,
+    make_accumulator: Callable[[LoraTarget], Accumulator] = exact_accumulator,
     reduce: Callable[[list[Tensor]], None] | None = None,
 ) -> tuple[dict[str, Accumulator], int]:
     """Run up to ``num_batches`` forward/backward passes and feed each target's accumulator.
@@ -271,6 +156,7 @@ def capture(
         )
     if not isinstance(num_batches, int) or num_batches < 1:
         raise GradLoraError(f"num_batches must be a positive integer, got {num_batches!r}")
+    check_gradient_flows(targets)
     accs = {t.name: make_accumulator(t) for t in targets}
     device = _input_device(model)
     used = 0

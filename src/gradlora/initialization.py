@@ -20,7 +20,7 @@ from .inits import check_rank, init_from_gradient, init_from_svd, make_method
 from .meter import PhaseCost, measure
 from .sketch import check_sketch_options, choose_gradient, sketch_svds
 from .targets import LoraTarget, find_targets, unwrap
-from .write import write_factors
+from .write import resolve_offset, write_factors
 
 
 @dataclass
@@ -37,6 +37,7 @@ class InitReport:
     num_batches: int  # batches the gradient was averaged over, all ranks together
     ranks: int = 1  # processes whose batches were averaged (data-parallel init)
     gradient: str = "exact"  # how G was held: "exact" (fp32 accumulators) or "sketch"
+    offset: str | None = None  # LoRA-GA: "weight" (W rewritten) or "adapter" (counter-term)
     gradient_options: dict[str, Any] = field(default_factory=dict)  # sketch passes, oversample
     layers: dict[str, LayerReport] = field(default_factory=dict)  # by base-model module name
     capture: PhaseCost = field(default_factory=PhaseCost)  # forward/backward passes
@@ -71,6 +72,7 @@ def initialize(
     loss_fn: LossFn | None = None,
     progress: bool = True,
     gradient: str = "auto",
+    offset: str = "auto",
     sketch_passes: int = 1,
     sketch_oversample: int | None = None,
     distributed: bool | None = None,
@@ -81,13 +83,18 @@ def initialize(
 
     method="lora-ga" (options: direction="ArB2r"|"A2rBr"|"ArBr", scale="stable"|"unit",
     gamma=16, svd="auto"|"exact"|"randomized", svd_niter=4, seed=0): A0, B0 from the top-2r
-    singular vectors of G, and W' = W - s B0 A0 so the model's outputs are unchanged.
+    singular vectors of G, and the offset s B0 A0 subtracted so the model's outputs are unchanged:
+    ``offset="weight"`` rewrites the base weight W' = W - s B0 A0; ``offset="adapter"`` leaves
+    every base weight byte-identical and makes the LoRA layer subtract s B0 A0 x itself (one
+    extra rank-r product per forward; the same outputs, gradients and steps); ``offset="auto"``
+    (default) is "adapter" on quantized (bitsandbytes 4-bit / 8-bit) bases, "weight" otherwise.
     method="lora-one" (options: gamma=128, svd, svd_niter, seed): s B0 A0 = -(s / (gamma
     sigma_1)) [G]_r, no offset. Batches are dicts for ``model(**batch)`` returning ``.loss``, or
     anything ``loss_fn(model, batch)`` turns into a scalar loss.
 
     gradient="exact" holds G in an fp32 (m, n) accumulator per layer (4 bytes per adapted
-    weight) and takes its SVD. gradient="sketch" never forms G: module hooks accumulate thin
+    weight) and takes its SVD; on a quantized layer it is filled from module hooks as
+    sum over tokens of deltaᵀ x, the gradient at the dequantized weights the layer computes with. gradient="sketch" never forms G: module hooks accumulate thin
     randomized sketches of it from each layer's input and output gradient, no weight requires
     grad, and ``sketch_passes`` passes over the same batches give the top triplets (1: single-pass
     sketch, about one plain pass; 2: range finder plus exact projection; more: power
@@ -120,6 +127,7 @@ def initialize(
     sync = dist_.resolve(distributed, process_group)
     targets = find_targets(model)
     mode = _check_before_write(spec, targets, gradient, sketch_passes, sketch_oversample)
+    offset_mode = resolve_offset(offset, targets) if spec.offsets_base else None
     device = targets[0].weight.device
     by_name = {t.name: t for t in targets}
 
@@ -167,7 +175,7 @@ def initialize(
             factors[name] = (A0, B0)
             layers[name] = LayerReport(shape=t.shape, rank=t.rank, singular_values=S.tolist())
 
-    write_factors(targets, factors, offset_base=spec.offsets_base)
+    write_factors(targets, factors, offset_base=spec.offsets_base, mode=offset_mode or "weight")
     if spec.offsets_base and isinstance(model, PeftModel):
         install_portable_save(model)  # peft's own save_pretrained (and the Trainer's) stays right
     if sync:
@@ -178,6 +186,7 @@ def initialize(
         num_batches=used,
         ranks=dist_.world_size(process_group) if sync else 1,
         gradient=mode,
+        offset=offset_mode,
         gradient_options=(
             {"passes": sketch_passes, "oversample": sketch_oversample} if mode == "sketch" else {}
         ),

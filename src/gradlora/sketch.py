@@ -13,7 +13,7 @@ orthonormal bases, i.e. randomized subspace (power) iteration on G:
   and so on, each extra pass one more half power iteration.
 
 Memory per layer: O((m + n) s) floats instead of m n; the products are fed from module hooks
-(``capture.SketchAccumulator``), so no weight requires grad and no weight gradient is computed.
+(``accumulators.SketchAccumulator``), so no weight requires grad and no weight gradient is computed.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .capture import LossFn, SketchAccumulator, capture
+from .accumulators import SketchAccumulator
+from .capture import LossFn, capture
 from .errors import GradLoraError
 from .spectral import factored_svd, gaussian_test_matrix, orthonormal_basis, sketch_svd
 from .targets import LoraTarget

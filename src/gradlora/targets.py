@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.utils.integrations import dequantize_bnb_weight
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -62,8 +63,17 @@ class LoraTarget:
         """(m, n) = (out_features, in_features) of the effective weight."""
         return self.B.shape[0], self.A.shape[1]
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the base layer is bitsandbytes' 4-bit or 8-bit linear (a packed weight)."""
+        return _is_bnb(self.layer.get_base_layer())
+
     def weight_mn(self) -> Tensor:
-        """The base weight as an (m, n) view, whatever its storage."""
+        """The base weight as (m, n), whatever its storage: a view of a float weight, or the
+        dequantized W_q (a new fp tensor) that a quantized layer computes with."""
+        if self.quantized:
+            base = self.layer.get_base_layer()
+            return dequantize_bnb_weight(base.weight, getattr(base, "state", None))
         return self.weight.T if self.transposed else self.weight
 
     def original_signature(self) -> list[float] | None:
@@ -174,23 +184,47 @@ def find_targets(model: nn.Module) -> list[LoraTarget]:
     return targets
 
 
+def check_gradient_flows(targets: list[LoraTarget]) -> None:
+    """Refuse bitsandbytes 4-bit layers switched to bitsandbytes' CPU inference layout: it does
+    so on the first forward in eval mode without grad (AVX512-BF16 CPUs), and from then on its
+    matmul passes no gradient back to its input, so every layer below would get none."""
+    for t in targets:
+        state = getattr(t.weight, "quant_state", None)
+        if t.quantized and getattr(state, "packing_format_for_cpu", False):
+            raise GradLoraError(
+                f"bitsandbytes has switched the 4-bit weight of {t.name!r} to its CPU inference "
+                "layout (it does on a forward in eval mode without grad), through which no "
+                "gradient flows; run gradlora before evaluating the model (or evaluate in train "
+                "mode), or load the model again"
+            )
+
+
 def is_offset(targets: list[LoraTarget]) -> bool:
     """Whether a gradlora init offset any of these layers' base weights."""
     return any(t.init_factors() is not None for t in targets)
 
 
+def _is_bnb(module: nn.Module) -> bool:
+    """bitsandbytes' Linear4bit / Linear8bitLt (nn.Linear subclasses with a packed weight)."""
+    return type(module).__module__.startswith("bitsandbytes") and isinstance(module, nn.Linear)
+
+
 def _check_supported(module_name: str, layer: LoraLayer, adapter: str) -> None:
     base = layer.get_base_layer()
-    if not isinstance(layer, LoraLinear) or not isinstance(base, nn.Linear | Conv1D):
+    linear_lora = isinstance(layer, LoraLinear) or (
+        _is_bnb(base) and type(layer).__module__ == "peft.tuners.lora.bnb"
+    )
+    if not linear_lora or not isinstance(base, nn.Linear | Conv1D):
         raise GradLoraError(
             f"target module {module_name!r} is a {type(base).__name__} wrapped by "
             f"{type(layer).__name__}; gradlora supports torch.nn.Linear and transformers' Conv1D "
             "only: remove it from LoraConfig.target_modules"
         )
-    if not base.weight.is_floating_point():
+    if not base.weight.is_floating_point() and not _is_bnb(base):
         raise GradLoraError(
-            f"target module {module_name!r} has a quantized {base.weight.dtype} weight; the gradient "
-            "estimate needs a floating-point base weight: load the model unquantized for the init"
+            f"target module {module_name!r} has a quantized {base.weight.dtype} weight in a "
+            f"{type(base).__name__}; gradlora supports float weights and bitsandbytes 4-bit / "
+            "8-bit layers: load the model unquantized, or with load_in_4bit / load_in_8bit"
         )
     if layer.use_dora.get(adapter, False):
         raise GradLoraError(

@@ -13,10 +13,28 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from . import inits
+from . import counter_term, inits
 from .errors import GradLoraError
 from .signature import weight_signature
 from .targets import BASE_SIGNATURE, WEIGHT0, LoraTarget
+
+OFFSET_MODES = ("auto", "weight", "adapter")
+
+
+def resolve_offset(mode: str, targets: list[LoraTarget]) -> str:
+    """``offset`` -> "weight" or "adapter": "auto" is "adapter" when any target's base is
+    quantized (it cannot be rewritten without re-quantizing) and "weight" otherwise."""
+    if mode not in OFFSET_MODES:
+        raise GradLoraError(f"unknown offset={mode!r}; choose one of {', '.join(OFFSET_MODES)}")
+    quantized = [t.name for t in targets if t.quantized]
+    if mode == "auto":
+        return "adapter" if quantized else "weight"
+    if mode == "weight" and quantized:
+        raise GradLoraError(
+            f"offset='weight' would rewrite the quantized base weight of {quantized[0]!r}, and "
+            "re-quantizing W - s B0 A0 changes the model; use offset='adapter' (or 'auto')"
+        )
+    return mode
 
 
 def write_factors(
@@ -24,17 +42,22 @@ def write_factors(
     factors: Mapping[str, tuple[Tensor, Tensor]],
     *,
     offset_base: bool,
+    mode: str = "weight",
     set_adapter_weights: bool = True,
 ) -> None:
     """Write init factors into the model, all layers or none.
 
     For each target, (A0 (r, n), B0 (m, r)) = factors[target.name] is cast to the adapter's dtype;
-    with ``set_adapter_weights`` A and B are set to it; with ``offset_base`` the base weight
-    becomes W - s B0 A0 (fp32 math, see inits.offset_weight) and A0, B0 are kept as buffers,
-    with the signature of W before the offset (``signature.py``, for the portable adapter).
+    with ``set_adapter_weights`` A and B are set to it; with ``offset_base`` A0, B0 are kept as
+    buffers with the signature of W (``signature.py``, for the portable adapter) and the model's
+    function is kept: ``mode="weight"`` makes the base weight W - s B0 A0 (fp32 math, see
+    inits.offset_weight); ``mode="adapter"`` leaves it byte-identical and makes the LoRA layer
+    subtract s B0 A0 x itself (``counter_term``).
     Every factor's shape is checked before anything is written. If anything fails midway (out
     of memory, interrupt) every layer is put back as it was.
     """
+    if offset_base:
+        mode = resolve_offset(mode, targets)
     missing = [t.name for t in targets if t.name not in factors]
     if missing:
         raise GradLoraError(f"no init factors for layer(s) {missing}")
@@ -51,15 +74,19 @@ def write_factors(
             for t in targets:
                 A0 = factors[t.name][0].to(device=t.A.device, dtype=t.A.dtype)
                 B0 = factors[t.name][1].to(device=t.B.device, dtype=t.B.dtype)
-                old_w = t.weight.detach().clone() if offset_base else None
+                rewrite = offset_base and mode == "weight"
+                old_w = t.weight.detach().clone() if rewrite else None
                 undo.append((t, t.A.detach().clone(), t.B.detach().clone(), old_w))
                 if offset_base:
                     sig = torch.tensor(weight_signature(t.weight_mn(), t.name), dtype=torch.float64)
                     t.layer.lora_A[t.adapter].register_buffer(BASE_SIGNATURE, sig, persistent=False)
-                    new_w = inits.offset_weight(t.weight_mn(), A0, B0, t.scaling)
-                    t.weight.copy_(new_w.T if t.transposed else new_w)
                     t.layer.lora_A[t.adapter].register_buffer(WEIGHT0, A0.clone(), persistent=False)
                     t.layer.lora_B[t.adapter].register_buffer(WEIGHT0, B0.clone(), persistent=False)
+                if rewrite:
+                    new_w = inits.offset_weight(t.weight_mn(), A0, B0, t.scaling)
+                    t.weight.copy_(new_w.T if t.transposed else new_w)
+                elif offset_base:
+                    counter_term.install(t)
                 if set_adapter_weights:
                     t.A.copy_(A0)
                     t.B.copy_(B0)
@@ -70,6 +97,8 @@ def write_factors(
                 t.B.copy_(old_b)
                 if old_w is not None:
                     t.weight.copy_(old_w)
+                if offset_base:
+                    counter_term.remove(t)
                     for module in (t.layer.lora_A[t.adapter], t.layer.lora_B[t.adapter]):
                         module._buffers.pop(WEIGHT0, None)
                         module._buffers.pop(BASE_SIGNATURE, None)

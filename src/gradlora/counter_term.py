@@ -1,0 +1,96 @@
+"""LoRA-GA's offset carried by the adapter instead of the base weight (``offset="adapter"``).
+
+The weight offset W' = W - s B0 A0 rewrites the base weight; on a quantized base that would
+mean re-quantizing, which changes the model. Here W stays byte-identical and the LoRA layer
+itself subtracts the frozen counter-term:
+
+    y = W x + s B A dropout(x) - s B0 A0 x,
+
+which is exactly what the weight offset computes (W' x + s B A dropout(x)), so outputs at
+init, the gradients of A and B and every step are the same; it costs one extra rank-r product
+per layer and forward. A0 (r, n), B0 (m, r) are the buffers ``targets.WEIGHT0`` that both
+offset modes keep. The counter-term is applied by a forward hook on the peft LoRA layer while
+its adapter is active, not disabled and not merged; when peft merges the adapter into the base
+(``merge_adapter``, ``merge_and_unload``) the delta it merges is s (B A - B0 A0), so a merged
+or unloaded model is right too. With the adapter disabled the layer computes W x: the original
+model (the weight offset gives W' x there).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+from torch import Tensor, nn
+
+from .targets import WEIGHT0, LoraTarget
+
+MODE = "gradlora_offset"  # attribute on lora_A[adapter]: "weight" or "adapter"
+_HANDLE = "_gradlora_counter_term_hook"
+
+
+def offset_mode(target: LoraTarget) -> str | None:
+    """ "weight", "adapter", or None when the layer's base was never offset."""
+    if target.init_factors() is None:
+        return None
+    return getattr(target.layer.lora_A[target.adapter], MODE, "weight")
+
+
+def _counter_terms(layer: nn.Module, active_only: bool = True) -> list[str]:
+    """The (active) adapters of ``layer`` that carry a counter-term."""
+    names = layer.active_adapters if active_only else list(layer.lora_A)
+    names = [names] if isinstance(names, str) else names
+    return [
+        a
+        for a in names
+        if a in layer.lora_A
+        and getattr(layer.lora_A[a], MODE, None) == "adapter"
+        and getattr(layer.lora_A[a], WEIGHT0, None) is not None
+    ]
+
+
+def _subtract_counter_term(layer: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook: output - s B0 A0 x for each active adapter with a counter-term."""
+    if layer.disable_adapters or layer.merged or not isinstance(output, Tensor) or not args:
+        return output
+    x = args[0]
+    for adapter in _counter_terms(layer):
+        A0 = getattr(layer.lora_A[adapter], WEIGHT0)
+        B0 = getattr(layer.lora_B[adapter], WEIGHT0)
+        term = (x.to(A0.dtype) @ A0.T) @ B0.T
+        output = output - (layer.scaling[adapter] * term).to(output.dtype)
+    return output
+
+
+def _delta_weight(layer: nn.Module, adapter: str) -> Tensor:
+    """peft's get_delta_weight, s B A (transposed for fan_in_fan_out), minus the counter-term."""
+    delta = type(layer).get_delta_weight(layer, adapter)
+    if adapter not in _counter_terms(layer, active_only=False):
+        return delta
+    A0 = getattr(layer.lora_A[adapter], WEIGHT0)
+    B0 = getattr(layer.lora_B[adapter], WEIGHT0)
+    counter = layer.scaling[adapter] * (B0.to(delta.dtype) @ A0.to(delta.dtype))
+    return delta - (counter.T if layer.fan_in_fan_out else counter)
+
+
+def install(target: LoraTarget) -> None:
+    """Carry ``target``'s counter-term in its LoRA layer (the factors must be stored already)."""
+    setattr(target.layer.lora_A[target.adapter], MODE, "adapter")
+    layer = target.layer
+    if getattr(layer, _HANDLE, None) is None:
+        setattr(layer, _HANDLE, layer.register_forward_hook(_subtract_counter_term))
+        layer.get_delta_weight = types.MethodType(_delta_weight, layer)
+
+
+def remove(target: LoraTarget) -> None:
+    """Undo ``install`` (the write rolled back); the stored factors are removed by the caller."""
+    module = target.layer.lora_A[target.adapter]
+    if hasattr(module, MODE):
+        delattr(module, MODE)
+    layer = target.layer
+    if not _counter_terms(layer, active_only=False):
+        handle = getattr(layer, _HANDLE, None)
+        if handle is not None:
+            handle.remove()
+            delattr(layer, _HANDLE)
+        layer.__dict__.pop("get_delta_weight", None)
