@@ -19,7 +19,7 @@ from .errors import GradLoraError
 from .inits import check_rank, init_from_gradient, init_from_svd, make_method
 from .meter import PhaseCost, measure
 from .sketch import check_sketch_options, choose_gradient, sketch_svds
-from .targets import LoraTarget, find_targets, unwrap
+from .targets import LoraTarget, find_layers, unwrap
 from .write import write_factors
 
 
@@ -39,6 +39,7 @@ class InitReport:
     gradient: str = "exact"  # how G was held: "exact" (fp32 accumulators) or "sketch"
     gradient_options: dict[str, Any] = field(default_factory=dict)  # sketch passes, oversample
     layers: dict[str, LayerReport] = field(default_factory=dict)  # by base-model module name
+    skipped: list[str] = field(default_factory=list)  # unsupported layers left at peft's init
     capture: PhaseCost = field(default_factory=PhaseCost)  # forward/backward passes
     svd: PhaseCost = field(default_factory=PhaseCost)  # SVDs and factor computation
 
@@ -53,8 +54,9 @@ class InitReport:
             if self.ranks > 1
             else ""
         )
+        skipped = f" ({len(self.skipped)} unsupported skipped)" if self.skipped else ""
         return (
-            f"{self.method} init of {len(self.layers)} layers from {self.num_batches} batches "
+            f"{self.method} init of {len(self.layers)} layers{skipped} from {self.num_batches} batches "
             f"{per_rank}({self.gradient} gradient): "
             f"capture {self.capture.seconds:.2f} s (peak {self.capture.peak_bytes / mib:.0f} MiB, "
             f"+{self.capture.increase_bytes / mib:.0f}), SVD {self.svd.seconds:.2f} s "
@@ -75,6 +77,7 @@ def initialize(
     sketch_oversample: int | None = None,
     distributed: bool | None = None,
     process_group: Any = None,
+    skip_unsupported: bool = False,
     **options: Any,
 ) -> InitReport:
     """Initialize the active LoRA adapter of ``model`` in place from the gradient on ``batches``.
@@ -99,6 +102,13 @@ def initialize(
     0.85) of the top-2r gradient energy; on large models the accumulators would outgrow the
     model, and the sketch does not. The choice depends only on the layer shapes.
 
+    gradlora initializes LoRA on nn.Linear and transformers' Conv1D layers. LoRA on any other
+    layer (peft's lora.Embedding, lora.Conv2d) is an error naming the layers, unless
+    ``skip_unsupported=True``: then those layers stay exactly at peft's init (their LoRA branch
+    stays on during capture), the rest is initialized, one WARNING on the "gradlora" logger
+    names them, and ``InitReport.skipped`` lists them. DoRA, lora_bias, merged adapters and
+    quantized weights are errors either way.
+
     Every check runs before anything is written, and the write is all-or-nothing: on any error
     the model is exactly as it was. Returns an InitReport (singular values per layer, time and
     peak memory of capture and SVD).
@@ -118,7 +128,7 @@ def initialize(
     spec = make_method(method, **options)
     model = unwrap(model)
     sync = dist_.resolve(distributed, process_group)
-    targets = find_targets(model)
+    targets, skipped = find_layers(model, skip_unsupported)
     mode = _check_before_write(spec, targets, gradient, sketch_passes, sketch_oversample)
     device = targets[0].weight.device
     by_name = {t.name: t for t in targets}
@@ -182,6 +192,7 @@ def initialize(
             {"passes": sketch_passes, "oversample": sketch_oversample} if mode == "sketch" else {}
         ),
         layers=layers,
+        skipped=[s.name for s in skipped],
         capture=capture_cost,
         svd=svd_cost,
     )

@@ -27,7 +27,7 @@ from ..capture import LossFn
 from ..errors import GradLoraError
 from ..initialization import InitReport, initialize
 from ..inits import make_method
-from ..targets import find_targets, is_offset, peft_model_of
+from ..targets import is_offset, peft_model_of, scan_layers
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,9 @@ class GradLoraCallback(TrainerCallback):
     """Initialize the LoRA adapter from gradients inside ``Trainer.train()``, before step one.
 
     ``GradLoraCallback(method="lora-ga" | "lora-one", num_batches=8, loss_fn=None, progress=None,
-    **options)``; the options are ``gradlora.initialize``'s. The gradient is averaged over the
+    skip_unsupported=False, **options)``; the options are ``gradlora.initialize``'s
+    (``skip_unsupported=True``: LoRA on nn.Embedding / nn.Conv2d layers stays at peft's init;
+    build the optimizer with the same option). The gradient is averaged over the
     first ``num_batches`` batches of the Trainer's own train dataloader (per-device micro-batches,
     so gradient accumulation does not change it); batches are the collated dicts the model gets
     (with labels), or anything ``loss_fn(model, batch)`` turns into a scalar loss. ``progress``
@@ -56,10 +58,12 @@ class GradLoraCallback(TrainerCallback):
         num_batches: int = 8,
         loss_fn: LossFn | None = None,
         progress: bool | None = None,
+        skip_unsupported: bool = False,
         **options: Any,
     ):
         self.spec = make_method(method, **options)  # fail at construction on a bad method/option
         self.method, self.num_batches, self.loss_fn = method, num_batches, loss_fn
+        self.skip_unsupported = skip_unsupported
         self.progress, self.options = progress, options
         self.report: InitReport | None = None
         self.resumed_at: int | None = None  # global step a resumed run started from
@@ -80,7 +84,7 @@ class GradLoraCallback(TrainerCallback):
         self._install(peft_model)
         if state.global_step > 0:
             self.resumed_at = state.global_step
-            if self.spec.offsets_base and not is_offset(find_targets(peft_model)):
+            if self.spec.offsets_base and not is_offset(scan_layers(peft_model)[0]):
                 raise GradLoraError(
                     f"resumed at step {state.global_step} with {self.method}, but the checkpoint's "
                     "adapter is not gradlora's converted LoRA-GA form, so the base weights were not "
@@ -111,6 +115,7 @@ class GradLoraCallback(TrainerCallback):
             num_batches=self.num_batches,
             loss_fn=self.loss_fn,
             progress=progress,
+            skip_unsupported=self.skip_unsupported,
             **self.options,
         )
         # WARNING: the level transformers users see by default (its own INFO is hidden)
