@@ -6,8 +6,8 @@ rank-2r LoRA A' = [A; A0] (2r, n), B' = [B, -B0] (m, 2r) with alpha' = 2 alpha (
 with rsLoRA), so s' B' A' = s (B A - B0 A0) on the ORIGINAL weights (docs/algorithms.md,
 section 5); plain peft loads it. A sidecar ``gradlora.json`` marks it, and
 ``load_adapter`` / ``load_converted_into`` split it back into the trainable rank-r adapter
-plus the offset. ``install_portable_save`` makes one PeftModel's own ``save_pretrained`` and
-``load_adapter`` do the same (what the Trainer integration and its checkpoints call).
+plus the offset. ``portable_save.install_portable_save`` makes one PeftModel's own
+``save_pretrained`` and ``load_adapter`` do the same.
 LoRA layers an init skipped (``skip_unsupported=True``: nn.Embedding, nn.Conv2d) are never
 offset; in the rank-2r form their A and B are zero-padded, A' = [A; 0], B' = [B, 0], so that
 s' B' A' = s B A, and loading drops the padding again.
@@ -20,7 +20,6 @@ import copy
 import json
 import math
 import os
-import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -371,43 +370,3 @@ def _remove_tuner_layers(model: nn.Module) -> None:
             parent = model.get_submodule(parent_name)
             if getattr(parent, child, None) is module:
                 setattr(parent, child, module.get_base_layer())
-
-
-# --- one PeftModel's own save_pretrained / load_adapter, made portable -------------------------
-
-
-def _save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
-    """PeftModel.save_pretrained, writing the portable rank-2r form once the base is offset."""
-    targets = scan_layers(self)[0]
-    if not is_offset(targets):
-        return type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    selected = kwargs.get("selected_adapters")
-    if selected is not None and list(selected) != [targets[0].adapter]:
-        raise GradLoraError(
-            f"selected_adapters={selected}: a LoRA-GA model saves its active adapter only "
-            "(gradlora.save_adapter); save other adapters from a model without the offset"
-        )
-    if kwargs.get("is_main_process", True):
-        save_adapter(self, save_directory)
-    return None
-
-
-def _load_adapter(self: PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any):
-    """PeftModel.load_adapter, reading gradlora's converted form into the active adapter."""
-    if not is_converted(model_id):
-        return type(self).load_adapter(self, model_id, adapter_name, *args, **kwargs)
-    if adapter_name != active_adapter(self):
-        raise GradLoraError(
-            f"the converted adapter at {model_id} can only be loaded into the active adapter, "
-            f"not into {adapter_name!r}"
-        )
-    load_converted_into(self, model_id)
-    return None
-
-
-def install_portable_save(model: PeftModel) -> None:
-    """Make this PeftModel instance's ``save_pretrained`` write ``save_adapter``'s portable form
-    once its base is offset, and its ``load_adapter`` read that form back (trained A, B, heads
-    and the offset). Other instances and the class are untouched; idempotent."""
-    model.save_pretrained = types.MethodType(_save_pretrained, model)
-    model.load_adapter = types.MethodType(_load_adapter, model)

@@ -3,6 +3,7 @@ with a report of what it cost (docs/algorithms.md, sections 1-3)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -13,11 +14,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist_
-from .adapter_io import install_portable_save
 from .capture import LossFn, capture
 from .errors import GradLoraError
 from .inits import check_rank, init_from_gradient, init_from_svd, make_method
 from .meter import PhaseCost, measure
+from .portable_save import install_portable_save
 from .sketch import check_sketch_options, choose_gradient, sketch_svds
 from .targets import LoraTarget, find_layers, unwrap
 from .write import write_factors
@@ -78,6 +79,7 @@ def initialize(
     distributed: bool | None = None,
     process_group: Any = None,
     skip_unsupported: bool = False,
+    collective_timeout: float | None = None,
     **options: Any,
 ) -> InitReport:
     """Initialize the active LoRA adapter of ``model`` in place from the gradient on ``batches``.
@@ -118,18 +120,30 @@ def initialize(
     rank with that rank's batches; G is averaged over all ranks' batches and every rank ends
     with bit-identical A, B and W (see gradlora.distributed). ``distributed=False`` makes it a
     per-process init; ``process_group`` restricts the reduction to a group. A model wrapped in
-    DistributedDataParallel is initialized through its ``.module``.
+    DistributedDataParallel is initialized through its ``.module``. Before the first collective
+    every rank checks that all ranks of the group entered the init: it waits at most
+    ``collective_timeout`` seconds (default: $GRADLORA_COLLECTIVE_TIMEOUT, else 60), then raises
+    a GradLoraError naming the ranks that did not, with the model untouched.
     """
-    if torch.is_inference_mode_enabled():
-        raise GradLoraError(
-            "initialize was called under torch.inference_mode(), where no gradient can be "
-            "computed; call it outside the inference_mode block"
-        )
-    spec = make_method(method, **options)
-    model = unwrap(model)
     sync = dist_.resolve(distributed, process_group)
-    targets, skipped = find_layers(model, skip_unsupported)
-    mode = _check_before_write(spec, targets, gradient, sketch_passes, sketch_oversample)
+    try:
+        if torch.is_inference_mode_enabled():
+            raise GradLoraError(
+                "initialize was called under torch.inference_mode(), where no gradient can be "
+                "computed; call it outside the inference_mode block"
+            )
+        timeout = dist_.collective_timeout(collective_timeout)
+        spec = make_method(method, **options)
+        model = unwrap(model)
+        targets, skipped = find_layers(model, skip_unsupported)
+        mode = _check_before_write(spec, targets, gradient, sketch_passes, sketch_oversample)
+    except Exception:
+        if sync:  # the other ranks stop at their join check instead of waiting for this one
+            with contextlib.suppress(RuntimeError):  # a store error would hide the real one
+                dist_.check_joined(process_group, failed=True)
+        raise
+    if sync:  # before any collective: a rank that never comes is an error, not a hang
+        dist_.check_joined(process_group, timeout)
     device = targets[0].weight.device
     by_name = {t.name: t for t in targets}
 

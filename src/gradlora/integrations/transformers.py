@@ -22,11 +22,11 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..adapter_io import install_portable_save
 from ..capture import LossFn
 from ..errors import GradLoraError
 from ..initialization import InitReport, initialize
 from ..inits import make_method
+from ..portable_save import install_portable_save
 from ..targets import is_offset, peft_model_of, scan_layers
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,9 @@ class GradLoraCallback(TrainerCallback):
     not on ``resume_from_checkpoint`` (the checkpoint's trained adapter is loaded instead; for
     LoRA-GA the base weights are offset again from the factors saved with it). For LoRA-GA,
     ``trainer.save_model()`` and checkpoints write a plain rank-2r peft adapter that loads on the
-    ORIGINAL base model. Single process only (no torchrun / DDP yet).
+    ORIGINAL base model. Single process only for now (no torchrun / DDP): in a data-parallel run,
+    call ``gradlora.initialize`` on every rank (a collective), or initialize in one process and
+    ``gradlora.load_adapter`` the saved adapter on every rank.
     """
 
     def __init__(
@@ -98,9 +100,13 @@ class GradLoraCallback(TrainerCallback):
             return
         if args.world_size > 1:
             raise GradLoraError(
-                f"GradLoraCallback runs in a single process, but world_size={args.world_size}: "
-                "initialize once with gradlora.initialize, save with gradlora.save_adapter and load "
-                "it in every rank with gradlora.load_adapter"
+                "GradLoraCallback runs in a single process for now, but "
+                f"world_size={args.world_size}. For a data-parallel run, drop the callback and "
+                "either call gradlora.initialize yourself on EVERY rank with that rank's batches "
+                "(it is a collective: called on one rank only it stops with an error; then save "
+                "with gradlora.save_adapter from rank 0), or run the init in a single process "
+                "beforehand, save it with gradlora.save_adapter and load it with "
+                "gradlora.load_adapter on every rank"
             )
         if train_dataloader is None:
             raise GradLoraError("the Trainer has no train dataloader to estimate the gradient on")
