@@ -1,4 +1,5 @@
-"""Data-parallel init: 2 CPU ranks (gloo, torchrun) against 1 process over the same batches."""
+"""Data-parallel init: 2 CPU ranks (gloo, torchrun) against 1 process over the same batches;
+the join check when not every rank calls initialize."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from conftest import tiny_peft
 
 import gradlora
-from gradlora.distributed import fingerprint, resolve
+from gradlora.distributed import collective_timeout, fingerprint, resolve
 from gradlora.targets import unwrap as unwrap_model
 
 TESTS = Path(__file__).parent
@@ -22,17 +23,31 @@ SRC = TESTS.parent / "src"
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Run _dist_worker.py on 2 ranks once; ({rank: results}) for the tests below."""
-    out = tmp_path_factory.mktemp("dist")
-    env = dict(os.environ, PYTHONPATH=str(SRC), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return torchrun("_dist_worker.py", tmp_path_factory.mktemp("dist"), timeout=240)
+
+
+def torchrun(worker: str, out: Path, timeout: float, **env: str) -> dict[int, dict]:
+    """Run tests/``worker`` OUT on 2 gloo ranks under torchrun; {rank: OUT/rank{r}.pt}. A run
+    past ``timeout`` seconds (a hang) is stopped, ranks included, and fails the test."""
+    env = dict(os.environ, PYTHONPATH=str(SRC), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(
-        [*cmd, str(TESTS / "_dist_worker.py"), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = out / "torchrun.log"  # a file, not a pipe: a stray rank cannot hold the test up
+    with (
+        log.open("w") as f,
+        subprocess.Popen(
+            [*cmd, str(TESTS / worker), str(out)], env=env, stdout=f, stderr=subprocess.STDOUT
+        ) as proc,
+    ):
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # torchrun passes SIGTERM on to the ranks, then SIGKILLs them
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            pytest.fail(f"{worker} on 2 ranks did not finish within {timeout} s (hung)")
+    assert proc.returncode == 0, log.read_text()[-4000:]
     return {r: torch.load(out / f"rank{r}.pt") for r in (0, 1)}
 
 
@@ -95,3 +110,62 @@ def test_single_process_needs_no_process_group():
         resolve("yes")
     model, _ = tiny_peft("llama")
     assert unwrap_model(torch.nn.DataParallel(model)) is model
+
+
+@pytest.fixture(scope="module")
+def joins(tmp_path_factory):
+    """Run _dist_join_worker.py on 2 ranks with a 3 s join timeout; {rank: results}. Before the
+    join check, rank 0's lone initialize waited in an all-reduce for gloo's 30 minutes."""
+    out = tmp_path_factory.mktemp("join")
+    return torchrun("_dist_join_worker.py", out, timeout=120, GRADLORA_COLLECTIVE_TIMEOUT="3")
+
+
+def test_initialize_on_rank_0_only_names_rank_1_and_leaves_the_model(joins):
+    absent = joins[0]["absent"]
+    assert absent["error"] is not None and absent["untouched"]
+    assert "ranks [1] did not call gradlora.initialize within 3 s" in absent["error"]
+    assert "call it on every rank" in absent["error"] and "distributed=False" in absent["error"]
+    assert 2.5 < absent["seconds"] < 30  # the 3 s wait, not gloo's 30 minutes
+
+
+def test_rank_arriving_after_the_others_gave_up_raises_at_once(joins):
+    late = joins[1]["late"]
+    assert late["error"] is not None and late["untouched"]
+    assert "rank 1 called gradlora.initialize after the other ranks" in late["error"]
+    assert "had stopped waiting for it" in late["error"]
+    assert late["seconds"] < 10  # it does not wait out its own 3 s, nor enter an all-reduce
+
+
+def test_a_rank_failing_its_checks_stops_the_others_at_once(joins):
+    """Rank 1 passes an unknown method: rank 0 does not wait out its 20 s collective_timeout."""
+    raised = [joins[r]["raised"] for r in (0, 1)]
+    assert all(x["untouched"] for x in raised)
+    assert "unknown method 'lora-xx'" in raised[1]["error"]
+    assert "ranks [1] raised an error in gradlora.initialize" in raised[0]["error"]
+    assert raised[0]["seconds"] < 10
+
+
+def test_subgroup_init_after_a_failed_join_still_works(joins):
+    """Both ranks over a new_group (collective_timeout= argument): the usual collective init."""
+    assert joins[0]["subgroup/ranks"] == joins[1]["subgroup/ranks"] == 2
+    assert joins[0]["subgroup/num_batches"] == 4
+    for a, b in zip(joins[0]["subgroup/A"], joins[1]["subgroup/A"], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_join_check_costs_little(joins):
+    """A few store messages per init, both ranks calling together (measured ~0.1-1 ms on CPU)."""
+    assert max(joins[r]["overhead"] for r in (0, 1)) < 0.25
+
+
+def test_collective_timeout_from_argument_or_environment(monkeypatch):
+    monkeypatch.delenv("GRADLORA_COLLECTIVE_TIMEOUT", raising=False)
+    assert collective_timeout() == 60.0 and collective_timeout(2) == 2.0
+    monkeypatch.setenv("GRADLORA_COLLECTIVE_TIMEOUT", "7.5")
+    assert collective_timeout() == 7.5 and collective_timeout(2) == 2.0  # the argument wins
+    for bad in (0, -1, float("inf"), float("nan"), "5", True):
+        with pytest.raises(gradlora.GradLoraError, match="collective_timeout must be a positive"):
+            collective_timeout(bad)
+    monkeypatch.setenv("GRADLORA_COLLECTIVE_TIMEOUT", "soon")
+    with pytest.raises(gradlora.GradLoraError, match=r"\$GRADLORA_COLLECTIVE_TIMEOUT must be"):
+        collective_timeout()

@@ -5,6 +5,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -277,6 +278,21 @@ def test_errors_name_the_fix(tmp_path):
     model, _ = tiny_peft("llama", r=2)
     with pytest.raises(gradlora.GradLoraError, match="choose one of"):
         gradlora.create_optimizer(model, "sgd", lr=1e-3)
+
+
+def test_multi_process_refusal_points_to_a_collective_init_on_every_rank():
+    """Not "init once and load it everywhere" only: the way that hung was init on one rank."""
+    model, _ = tiny_peft("llama", r=2)
+    callback = gradlora.GradLoraCallback()
+    fake_args = SimpleNamespace(world_size=2, disable_tqdm=True)
+    with pytest.raises(gradlora.GradLoraError) as err:
+        callback.on_train_begin(fake_args, SimpleNamespace(global_step=0), None, model=model)
+    message = str(err.value)
+    assert "single process for now" in message and "world_size=2" in message
+    assert "gradlora.initialize yourself on EVERY rank with that rank's batches" in message
+    assert "gradlora.save_adapter from rank 0" in message
+    assert "in a single process beforehand" in message and "gradlora.load_adapter" in message
+    assert callback.report is None
 
 
 def test_unwraps_data_parallel_and_compile_wrappers():

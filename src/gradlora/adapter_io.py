@@ -6,8 +6,11 @@ rank-2r LoRA A' = [A; A0] (2r, n), B' = [B, -B0] (m, 2r) with alpha' = 2 alpha (
 with rsLoRA), so s' B' A' = s (B A - B0 A0) on the ORIGINAL weights (docs/algorithms.md,
 section 5); plain peft loads it. A sidecar ``gradlora.json`` marks it, and
 ``load_adapter`` / ``load_converted_into`` split it back into the trainable rank-r adapter
-plus the offset. ``install_portable_save`` makes one PeftModel's own ``save_pretrained`` and
-``load_adapter`` do the same (what the Trainer integration and its checkpoints call).
+plus the offset. ``portable_save.install_portable_save`` makes one PeftModel's own
+``save_pretrained`` and ``load_adapter`` do the same.
+LoRA layers an init skipped (``skip_unsupported=True``: nn.Embedding, nn.Conv2d) are never
+offset; in the rank-2r form their A and B are zero-padded, A' = [A; 0], B' = [B, 0], so that
+s' B' A' = s B A, and loading drops the padding again.
 """
 
 from __future__ import annotations
@@ -17,8 +20,7 @@ import copy
 import json
 import math
 import os
-import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,15 @@ from .atomic import write_files
 from .errors import GradLoraError
 from .flags import ModuleFlags
 from .signature import MAX_RELATIVE_DIFFERENCE, relative_difference, weight_signature
-from .targets import LoraTarget, find_targets, is_offset, unwrap
+from .targets import (
+    LoraTarget,
+    SkippedLayer,
+    active_adapter,
+    find_targets,
+    is_offset,
+    scan_layers,
+    unwrap,
+)
 from .write import resolve_offset, write_factors
 
 SIDECAR = "gradlora.json"  # written beside adapter_config.json; plain peft ignores it
@@ -55,9 +65,26 @@ def _resize_config(config: LoraConfig, rank_factor: float, alpha_factor: float) 
     return cfg
 
 
-def _lora_keys(target: LoraTarget) -> tuple[str, str]:
+def _lora_keys(target: LoraTarget | SkippedLayer) -> tuple[str, str]:
     """Keys of A and B in peft's saved state dict (adapter name removed)."""
+    if isinstance(target, SkippedLayer) and target.adapter in target.layer.lora_embedding_A:
+        return f"{target.module_name}.lora_embedding_A", f"{target.module_name}.lora_embedding_B"
     return f"{target.module_name}.lora_A.weight", f"{target.module_name}.lora_B.weight"
+
+
+def _keys_in(
+    state: Mapping[str, Tensor], layer: LoraTarget | SkippedLayer, path: Any = None
+) -> tuple[str, str]:
+    """``_lora_keys(layer)``, checked to be in ``state`` (read from ``path``; None: saving)."""
+    key_a, key_b = _lora_keys(layer)
+    if key_a not in state or key_b not in state:
+        if path is None:
+            raise GradLoraError(f"peft's state dict has no entry for {layer.module_name!r}")
+        raise GradLoraError(
+            f"adapter at {path} has no weights for layer {layer.name!r}: it was saved from a "
+            "different model or target_modules; load it on the base model it was trained on"
+        )
+    return key_a, key_b
 
 
 def save_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
@@ -74,10 +101,10 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
         raise GradLoraError(
             "save_adapter needs a peft.PeftModel (it writes the adapter's LoraConfig)"
         )
-    targets = find_targets(model)
-    adapter = targets[0].adapter
+    targets, skipped = scan_layers(model)
+    adapter = active_adapter(model)
     stored = [t.init_factors() for t in targets]
-    converted = stored[0] is not None
+    converted = is_offset(targets)
     if any((s is not None) != converted for s in stored):
         bad = [t.name for t, s in zip(targets, stored, strict=True) if (s is not None) != converted]
         raise GradLoraError(
@@ -88,11 +115,13 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
     if converted:
         config = _resize_config(config, 2, _alpha_factor(config))
         for t, (A0, B0) in zip(targets, stored, strict=True):
-            key_a, key_b = _lora_keys(t)
-            if key_a not in state or key_b not in state:
-                raise GradLoraError(f"peft's state dict has no entry for {t.module_name!r}")
+            key_a, key_b = _keys_in(state, t)
             state[key_a] = torch.cat([t.A.detach(), A0.to(t.A)], dim=0)
             state[key_b] = torch.cat([t.B.detach(), -B0.to(t.B)], dim=1)
+        for layer in skipped:  # skip_unsupported: never offset; zero-padded to rank 2r, s' = s
+            key_a, key_b = _keys_in(state, layer)
+            state[key_a] = torch.cat([state[key_a], torch.zeros_like(state[key_a])], dim=0)
+            state[key_b] = torch.cat([state[key_b], torch.zeros_like(state[key_b])], dim=1)
     else:
         config = copy.deepcopy(config)
         config.init_lora_weights = True
@@ -117,18 +146,27 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
 
 
 def split_converted(
-    saved: Mapping[str, Tensor], targets: list[LoraTarget], path: str | os.PathLike
+    saved: Mapping[str, Tensor],
+    targets: list[LoraTarget],
+    path: str | os.PathLike,
+    skipped: Sequence[SkippedLayer] = (),
 ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
     """Split a converted rank-2r state dict (A' = [A; A0], B' = [B, -B0]) into peft's rank-r
-    state dict and the init factors {layer: (A0, B0)}; errors name the mismatching layer."""
+    state dict and the init factors {layer: (A0, B0)}; the ``skipped`` layers' zero padding is
+    dropped. Errors name the mismatching layer."""
     state, factors = dict(saved), {}
-    for t in targets:
-        key_a, key_b = _lora_keys(t)
-        if key_a not in saved or key_b not in saved:
+    for layer in skipped:
+        key_a, key_b = _keys_in(saved, layer, path)
+        a2, b2, r = saved[key_a], saved[key_b], int(layer.layer.r[layer.adapter])
+        if a2.shape[0] != 2 * r or b2.shape[1] != 2 * r or (a2[r:].any() and b2[:, r:].any()):
             raise GradLoraError(
-                f"adapter at {path} has no weights for layer {t.name!r}: it was saved from a "
-                "different model or target_modules; load it on the base model it was trained on"
+                f"adapter at {path} has shapes {tuple(a2.shape)}, {tuple(b2.shape)} for the "
+                f"skipped layer {layer.name!r}, not gradlora's zero-padded rank-{2 * r} form; "
+                "load it on the base model and target_modules it was trained with"
             )
+        state[key_a], state[key_b] = a2[:r], b2[:, :r]
+    for t in targets:
+        key_a, key_b = _keys_in(saved, t, path)
         a2, b2 = saved[key_a], saved[key_b]
         r = t.rank
         if a2.shape != (2 * r, t.shape[1]) or b2.shape != (t.shape[0], 2 * r):
@@ -275,10 +313,10 @@ def load_converted_into(
     of the ORIGINAL base weights.
     """
     path = Path(path)
-    targets = find_targets(model)
+    targets, skipped = scan_layers(model)
     if saved is None:
         saved = _read_weights(path / WEIGHTS)
-    state, factors = split_converted(saved, targets, path)
+    state, factors = split_converted(saved, targets, path, skipped)
     stored = [t.init_factors() for t in targets]
     if any(s is not None for s in stored):
         same = all(
@@ -295,8 +333,8 @@ def load_converted_into(
     if check_base:
         _check_base_of(model, read_sidecar(path), path)  # before anything is written
     with torch.no_grad():
-        result = set_peft_model_state_dict(model, state, adapter_name=targets[0].adapter)
-    adapter = targets[0].adapter
+        adapter = active_adapter(unwrap(model))
+        result = set_peft_model_state_dict(model, state, adapter_name=adapter)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k or adapter in k]
     if unexpected:
         raise GradLoraError(f"adapter at {path} has weights the model lacks: {unexpected[:5]}")
@@ -336,43 +374,3 @@ def _remove_tuner_layers(model: nn.Module) -> None:
             parent = model.get_submodule(parent_name)
             if getattr(parent, child, None) is module:
                 setattr(parent, child, module.get_base_layer())
-
-
-# --- one PeftModel's own save_pretrained / load_adapter, made portable -------------------------
-
-
-def _save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
-    """PeftModel.save_pretrained, writing the portable rank-2r form once the base is offset."""
-    targets = find_targets(self)
-    if not is_offset(targets):
-        return type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    selected = kwargs.get("selected_adapters")
-    if selected is not None and list(selected) != [targets[0].adapter]:
-        raise GradLoraError(
-            f"selected_adapters={selected}: a LoRA-GA model saves its active adapter only "
-            "(gradlora.save_adapter); save other adapters from a model without the offset"
-        )
-    if kwargs.get("is_main_process", True):
-        save_adapter(self, save_directory)
-    return None
-
-
-def _load_adapter(self: PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any):
-    """PeftModel.load_adapter, reading gradlora's converted form into the active adapter."""
-    if not is_converted(model_id):
-        return type(self).load_adapter(self, model_id, adapter_name, *args, **kwargs)
-    if adapter_name != find_targets(self)[0].adapter:
-        raise GradLoraError(
-            f"the converted adapter at {model_id} can only be loaded into the active adapter, "
-            f"not into {adapter_name!r}"
-        )
-    load_converted_into(self, model_id)
-    return None
-
-
-def install_portable_save(model: PeftModel) -> None:
-    """Make this PeftModel instance's ``save_pretrained`` write ``save_adapter``'s portable form
-    once its base is offset, and its ``load_adapter`` read that form back (trained A, B, heads
-    and the offset). Other instances and the class are untouched; idempotent."""
-    model.save_pretrained = types.MethodType(_save_pretrained, model)
-    model.load_adapter = types.MethodType(_load_adapter, model)

@@ -249,16 +249,18 @@ def estimate_gradients(
     num_batches: int = 8,
     loss_fn: LossFn | None = None,
     progress: bool = True,
+    skip_unsupported: bool = False,
 ) -> dict[str, Tensor]:
     """G (m, n) fp32 per LoRA target, keyed by the layer's module name in the base model.
 
     G = (1/N) sum_b dL_b/dW at the current base weights, with the LoRA branches bypassed and the
     model in train mode; N = min(num_batches, batches available). Conv1D weights are returned
-    transposed to (out, in). The model is left exactly as it was.
+    transposed to (out, in). The model is left exactly as it was. ``skip_unsupported=True``
+    leaves out LoRA layers on nn.Embedding / nn.Conv2d instead of refusing the model.
     """
     accs, used = capture(
         model,
-        find_targets(model),
+        find_targets(model, skip_unsupported),
         batches,
         num_batches=num_batches,
         loss_fn=loss_fn,

@@ -14,12 +14,25 @@ rank (torchrun, ``accelerate launch``): call it on every rank, each with its sha
    tensors are broadcast, so every rank ends bit-identical whatever the hardware. On
    homogeneous ranks nothing is broadcast.
 
+Before step 1, ``check_joined`` makes sure every rank of the group has entered the init: a
+rank that calls it alone (``if rank == 0: gradlora.initialize(...)``) would otherwise wait in
+the first all-reduce until the backend's timeout (30 min on gloo). The check goes through the
+group's store (a few small messages, no backend collective, so it is the same for gloo and
+NCCL) and waits at most ``collective_timeout`` seconds (argument of ``initialize``, else
+$GRADLORA_COLLECTIVE_TIMEOUT, else 60), then raises a GradLoraError naming the missing ranks.
+The collectives after it are the backend's, with the backend's timeout: a rank that dies
+mid-init closes its gloo connections (the others fail at once) or trips NCCL's watchdog
+(default 10 min); a rank that stays alive but stops calling collectives is waited for that long.
+
 The gloo backend runs on CPU, NCCL on GPU (tensors on the rank's current CUDA device).
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -54,6 +67,102 @@ def resolve(distributed: bool | None, group: Any = None) -> bool:
             )
         return True
     raise GradLoraError(f"distributed must be None, True or False, got {distributed!r}")
+
+
+TIMEOUT_ENV = "GRADLORA_COLLECTIVE_TIMEOUT"
+DEFAULT_TIMEOUT = 60.0
+_entered: dict[str, int] = {}  # per process group name: how many inits this process entered
+
+
+def collective_timeout(seconds: float | None = None) -> float:
+    """The seconds ``check_joined`` waits for the other ranks: ``seconds`` if given, else
+    $GRADLORA_COLLECTIVE_TIMEOUT, else 60. Must be a positive finite number."""
+    where = "collective_timeout"
+    if seconds is None:
+        raw = os.environ.get(TIMEOUT_ENV, "").strip()
+        if not raw:
+            return DEFAULT_TIMEOUT
+        where = f"${TIMEOUT_ENV}"
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = math.nan
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not 0 < seconds < math.inf
+    ):
+        raise GradLoraError(f"{where} must be a positive number of seconds, got {seconds!r}")
+    return float(seconds)
+
+
+def check_joined(group: Any = None, timeout: float = DEFAULT_TIMEOUT, failed: bool = False) -> None:
+    """Wait at most ``timeout`` seconds for every rank of ``group`` to enter this init; raise a
+    GradLoraError naming the ranks (global ranks) that did not, on every rank that did.
+    ``failed=True``: this rank raised before joining (a pre-write check); tell the others, who
+    then raise at once instead of waiting, and return (the caller re-raises its own error).
+
+    Through the group's store, not a backend collective: each rank sets its own key and adds 1
+    to a counter; the rank that brings it to the group size marks the call "ok", the others wait
+    for that mark. A rank whose wait runs out, or that failed, marks it "failed" instead
+    (compare-and-set, so exactly one of the two wins), and a rank that arrives after that raises
+    at once rather than entering a collective the others have left. The keys are numbered by a
+    per-process count of inits on the group, the same on every rank that calls in the same order.
+    """
+    pg = dist.group.WORLD if group is None else group
+    ranks = dist.get_process_group_ranks(pg)
+    me = dist.get_rank()
+    if me not in ranks:
+        if failed:
+            return
+        raise GradLoraError(
+            f"this rank ({me}) is not in process_group (global ranks {ranks}): call "
+            "gradlora.initialize with a process_group only on the ranks of that group"
+        )
+    store = pg.get_group_store()  # namespaced per group; the count below is per group as well
+    call = _entered.get(pg.group_name, 0)
+    _entered[pg.group_name] = call + 1
+    key = f"gradlora/initialize/{call}"
+    state_key = f"{key}/state"
+    if failed:
+        store.set(f"{key}/raised{me}", "1")
+        store.compare_set(state_key, "", "failed")
+        return
+    store.set(f"{key}/rank{me}", "1")
+    missing = None  # the ranks absent when this rank's wait ran out
+    if store.add(f"{key}/joined", 1) == len(ranks):
+        state = store.compare_set(state_key, "", "ok")
+    else:
+        try:
+            store.wait([state_key], timedelta(seconds=timeout))
+            state = store.get(state_key)
+        except RuntimeError:  # DistStoreError: the wait ran out
+            missing = [r for r in ranks if not store.check([f"{key}/rank{r}"])]
+            state = store.compare_set(state_key, "", "failed")
+    if state == b"ok":
+        return
+    fix = (
+        "initialize is a collective: call it on every rank with that rank's batches, or pass "
+        "distributed=False for a per-process init"
+    )
+    raised = [r for r in ranks if store.check([f"{key}/raised{r}"])]
+    if raised:
+        raise GradLoraError(
+            f"ranks {raised} raised an error in gradlora.initialize before its first collective "
+            f"(see their output), so rank {me} stops too, its model untouched"
+        )
+    if missing is not None:
+        # missing is [] only if the late ranks set their key right at the deadline
+        who = f"ranks {missing}" if missing else "some ranks"
+        raise GradLoraError(
+            f"{who} did not call gradlora.initialize within {timeout:g} s "
+            f"(collective_timeout, or ${TIMEOUT_ENV}): {fix}"
+        )
+    raise GradLoraError(
+        f"rank {me} called gradlora.initialize after the other ranks of the group (global ranks "
+        f"{ranks}) had stopped waiting for it (their collective_timeout ran out): {fix}; call it "
+        f"on all ranks at about the same time, or raise collective_timeout / ${TIMEOUT_ENV}"
+    )
 
 
 def all_reduce_sum(tensors: Sequence[Tensor], group: Any = None) -> None:

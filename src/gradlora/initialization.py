@@ -3,6 +3,7 @@ with a report of what it cost (docs/algorithms.md, sections 1-3)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -13,13 +14,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist_
-from .adapter_io import install_portable_save
 from .capture import LossFn, capture
 from .errors import GradLoraError
 from .inits import check_rank, init_from_gradient, init_from_svd, make_method
 from .meter import PhaseCost, measure
+from .portable_save import install_portable_save
 from .sketch import check_sketch_options, choose_gradient, sketch_svds
-from .targets import LoraTarget, find_targets, unwrap
+from .targets import LoraTarget, find_layers, unwrap
 from .write import resolve_offset, write_factors
 
 
@@ -40,6 +41,7 @@ class InitReport:
     offset: str | None = None  # LoRA-GA: "weight" (W rewritten) or "adapter" (counter-term)
     gradient_options: dict[str, Any] = field(default_factory=dict)  # sketch passes, oversample
     layers: dict[str, LayerReport] = field(default_factory=dict)  # by base-model module name
+    skipped: list[str] = field(default_factory=list)  # unsupported layers left at peft's init
     capture: PhaseCost = field(default_factory=PhaseCost)  # forward/backward passes
     svd: PhaseCost = field(default_factory=PhaseCost)  # SVDs and factor computation
 
@@ -54,8 +56,9 @@ class InitReport:
             if self.ranks > 1
             else ""
         )
+        skipped = f" ({len(self.skipped)} unsupported skipped)" if self.skipped else ""
         return (
-            f"{self.method} init of {len(self.layers)} layers from {self.num_batches} batches "
+            f"{self.method} init of {len(self.layers)} layers{skipped} from {self.num_batches} batches "
             f"{per_rank}({self.gradient} gradient): "
             f"capture {self.capture.seconds:.2f} s (peak {self.capture.peak_bytes / mib:.0f} MiB, "
             f"+{self.capture.increase_bytes / mib:.0f}), SVD {self.svd.seconds:.2f} s "
@@ -77,6 +80,8 @@ def initialize(
     sketch_oversample: int | None = None,
     distributed: bool | None = None,
     process_group: Any = None,
+    skip_unsupported: bool = False,
+    collective_timeout: float | None = None,
     **options: Any,
 ) -> InitReport:
     """Initialize the active LoRA adapter of ``model`` in place from the gradient on ``batches``.
@@ -106,6 +111,13 @@ def initialize(
     0.85) of the top-2r gradient energy; on large models the accumulators would outgrow the
     model, and the sketch does not. The choice depends only on the layer shapes.
 
+    gradlora initializes LoRA on nn.Linear and transformers' Conv1D layers. LoRA on any other
+    layer (peft's lora.Embedding, lora.Conv2d) is an error naming the layers, unless
+    ``skip_unsupported=True``: then those layers stay exactly at peft's init (their LoRA branch
+    stays on during capture), the rest is initialized, one WARNING on the "gradlora" logger
+    names them, and ``InitReport.skipped`` lists them. DoRA, lora_bias, merged adapters and
+    quantized weights are errors either way.
+
     Every check runs before anything is written, and the write is all-or-nothing: on any error
     the model is exactly as it was. Returns an InitReport (singular values per layer, time and
     peak memory of capture and SVD).
@@ -115,19 +127,31 @@ def initialize(
     rank with that rank's batches; G is averaged over all ranks' batches and every rank ends
     with bit-identical A, B and W (see gradlora.distributed). ``distributed=False`` makes it a
     per-process init; ``process_group`` restricts the reduction to a group. A model wrapped in
-    DistributedDataParallel is initialized through its ``.module``.
+    DistributedDataParallel is initialized through its ``.module``. Before the first collective
+    every rank checks that all ranks of the group entered the init: it waits at most
+    ``collective_timeout`` seconds (default: $GRADLORA_COLLECTIVE_TIMEOUT, else 60), then raises
+    a GradLoraError naming the ranks that did not, with the model untouched.
     """
-    if torch.is_inference_mode_enabled():
-        raise GradLoraError(
-            "initialize was called under torch.inference_mode(), where no gradient can be "
-            "computed; call it outside the inference_mode block"
-        )
-    spec = make_method(method, **options)
-    model = unwrap(model)
     sync = dist_.resolve(distributed, process_group)
-    targets = find_targets(model)
-    mode = _check_before_write(spec, targets, gradient, sketch_passes, sketch_oversample)
-    offset_mode = resolve_offset(offset, targets) if spec.offsets_base else None
+    try:
+        if torch.is_inference_mode_enabled():
+            raise GradLoraError(
+                "initialize was called under torch.inference_mode(), where no gradient can be "
+                "computed; call it outside the inference_mode block"
+            )
+        timeout = dist_.collective_timeout(collective_timeout)
+        spec = make_method(method, **options)
+        model = unwrap(model)
+        targets, skipped = find_layers(model, skip_unsupported)
+        mode = _check_before_write(spec, targets, gradient, sketch_passes, sketch_oversample)
+        offset_mode = resolve_offset(offset, targets) if spec.offsets_base else None
+    except Exception:
+        if sync:  # the other ranks stop at their join check instead of waiting for this one
+            with contextlib.suppress(RuntimeError):  # a store error would hide the real one
+                dist_.check_joined(process_group, failed=True)
+        raise
+    if sync:  # before any collective: a rank that never comes is an error, not a hang
+        dist_.check_joined(process_group, timeout)
     device = targets[0].weight.device
     by_name = {t.name: t for t in targets}
 
@@ -191,6 +215,7 @@ def initialize(
             {"passes": sketch_passes, "oversample": sketch_oversample} if mode == "sketch" else {}
         ),
         layers=layers,
+        skipped=[s.name for s in skipped],
         capture=capture_cost,
         svd=svd_cost,
     )

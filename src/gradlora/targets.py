@@ -4,14 +4,21 @@ PeftModel's active adapter, looking through the wrappers training frameworks put
 Shapes follow peft: the base weight W is (m, n) = (out, in) (stored (n, m) by transformers'
 Conv1D or with fan_in_fan_out), ``lora_A.weight`` A is (r, n), ``lora_B.weight`` B is (m, r),
 and the layer adds s B A x with s = alpha / r (alpha / sqrt(r) with rsLoRA).
+
+LoRA on other layers (peft's lora.Embedding, lora.Conv2d, ...) is refused unless the caller
+passes ``skip_unsupported=True``: then ``find_layers`` returns those layers apart as
+``SkippedLayer``s (no init, plain AdamW) and logs one WARNING naming them. DoRA, lora_bias,
+merged adapters and quantized weights are errors on every layer, skipped or not.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora import layer as lora
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.utils.integrations import dequantize_bnb_weight
 from torch import Tensor, nn
@@ -22,6 +29,11 @@ from .errors import GradLoraError
 WEIGHT0 = "gradlora_weight0"  # buffer name of the init factors A0 / B0 on lora_A / lora_B
 BASE_SIGNATURE = "gradlora_base_signature"  # on lora_A: signature.py's of W before the offset
 PEFT_PREFIX = "base_model.model."
+# peft LoRA layers gradlora can leave alone with skip_unsupported=True: their LoRA weights are
+# ordinary trainable parameters (plain AdamW) and their base weights are never touched
+SKIPPABLE = (lora.Embedding, lora.Conv1d, lora.Conv2d, lora.Conv3d)
+
+log = logging.getLogger("gradlora")
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,36 @@ class LoraTarget:
         return None if a0 is None or b0 is None else (a0, b0)
 
 
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A LoRA layer of the active adapter that gradlora does not support (peft's lora.Embedding
+    or a convolution), left out with ``skip_unsupported=True``: no init, plain AdamW."""
+
+    name: str  # module name in the base model
+    module_name: str  # module name in the wrapped model
+    layer: LoraLayer
+    adapter: str
+
+    @property
+    def kind(self) -> str:
+        """E.g. "an nn.Embedding layer (peft lora.Embedding)"."""
+        return _describe(self.layer)
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """This layer's LoRA parameters of the adapter (lora_A / lora_B or lora_embedding_*)."""
+        params = []
+        for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+            container = getattr(self.layer, attr, {})  # ModuleDict or ParameterDict (no .get)
+            if self.adapter not in container:
+                continue
+            item = container[self.adapter]
+            if isinstance(item, nn.Module):
+                params.extend(item.parameters())
+            elif isinstance(item, nn.Parameter):
+                params.append(item)
+        return params
+
+
 _WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
 
@@ -151,9 +193,12 @@ def active_adapter(model: nn.Module) -> str:
     return names[0]
 
 
-def find_targets(model: nn.Module) -> list[LoraTarget]:
-    """Every LoRA layer of the active adapter, with its base-model name; errors name the fix.
+def scan_layers(model: nn.Module) -> tuple[list[LoraTarget], list[SkippedLayer]]:
+    """(supported targets, skippable unsupported layers) of the active adapter, quietly.
 
+    Every hard error is raised here for every layer, skippable or not (not LoRA, no LoRA
+    layers, several active adapters, a kind that cannot be skipped, quantized weights, DoRA,
+    lora_bias, merged adapters). Callers that act on the choice use ``find_layers``.
     Accepts a PeftModel or any module into which peft injected LoRA layers, also inside the
     wrappers ``unwrap`` looks through.
     """
@@ -172,16 +217,60 @@ def find_targets(model: nn.Module) -> list[LoraTarget]:
             "peft.get_peft_model(model, LoraConfig(target_modules=[...]))"
         )
     adapter = active_adapter(model)
-    targets = []
+    targets, skipped = [], []
     for module_name, layer in lora_modules:
         if adapter not in layer.lora_A and adapter not in getattr(layer, "lora_embedding_A", {}):
             continue  # the active adapter does not target this layer
-        _check_supported(module_name, layer, adapter)
+        supported = _check_layer(module_name, layer, adapter)
         name = module_name.removeprefix(PEFT_PREFIX)
-        targets.append(LoraTarget(name=name, module_name=module_name, layer=layer, adapter=adapter))
-    if not targets:
+        if supported:
+            targets.append(LoraTarget(name, module_name, layer, adapter))
+        else:
+            skipped.append(SkippedLayer(name, module_name, layer, adapter))
+    if not targets and not skipped:
         raise GradLoraError(f"no LoRA layer belongs to the active adapter {adapter!r}")
-    return targets
+    return targets, skipped
+
+
+def find_layers(
+    model: nn.Module, skip_unsupported: bool = False
+) -> tuple[list[LoraTarget], list[SkippedLayer]]:
+    """``scan_layers``, acting on ``skip_unsupported``: without it, any LoRA layer on an
+    nn.Embedding or a convolution is an error that names the layers and both fixes; with it,
+    they are returned apart and one WARNING on the "gradlora" logger lists them."""
+    targets, skipped = scan_layers(model)
+    if skipped and not skip_unsupported:
+        layers = "; ".join(f"{s.name!r}, {s.kind}" for s in skipped)
+        one = len(skipped) == 1
+        it = "it" if one else "them"
+        raise GradLoraError(
+            f"the active adapter {skipped[0].adapter!r} has LoRA on "
+            f"{'a layer' if one else f'{len(skipped)} layers'} gradlora does not support: "
+            f"{layers}. gradlora supports LoRA on nn.Linear and transformers' Conv1D layers; "
+            f"either remove {it} from LoraConfig.target_modules, or pass "
+            f"skip_unsupported=True to leave {it} at peft's init and train {it} with plain AdamW"
+        )
+    if not targets:
+        raise GradLoraError(
+            f"every LoRA layer of the active adapter {skipped[0].adapter!r} is of a kind gradlora "
+            f"does not support ({', '.join(repr(s.name) for s in skipped)}), so there is nothing "
+            "to initialize or precondition: target nn.Linear / Conv1D layers too, or use plain "
+            "peft and torch.optim.AdamW"
+        )
+    if skipped:
+        log.warning(
+            "gradlora: skip_unsupported=True: leaving %d LoRA layer(s) at peft's init, trained "
+            "with plain AdamW: %s",
+            len(skipped),
+            "; ".join(f"{s.name!r}, {s.kind}" for s in skipped),
+        )
+    return targets, skipped
+
+
+def find_targets(model: nn.Module, skip_unsupported: bool = False) -> list[LoraTarget]:
+    """Every supported LoRA layer of the active adapter, with its base-model name; errors name
+    the fix. ``skip_unsupported``: see ``find_layers``."""
+    return find_layers(model, skip_unsupported)[0]
 
 
 def check_gradient_flows(targets: list[LoraTarget]) -> None:
@@ -209,16 +298,27 @@ def _is_bnb(module: nn.Module) -> bool:
     return type(module).__module__.startswith("bitsandbytes") and isinstance(module, nn.Linear)
 
 
-def _check_supported(module_name: str, layer: LoraLayer, adapter: str) -> None:
+def _describe(layer: LoraLayer) -> str:
+    """E.g. "an nn.Embedding layer (peft lora.Embedding)"."""
+    base = type(layer.get_base_layer())
+    prefix = "nn." if base.__module__.startswith("torch.nn") else ""
+    article = "an" if prefix or base.__name__[0].lower() in "aeiou" else "a"  # "an nn.", "a Foo"
+    return f"{article} {prefix}{base.__name__} layer (peft lora.{type(layer).__name__})"
+
+
+def _check_layer(module_name: str, layer: LoraLayer, adapter: str) -> bool:
+    """True for a supported layer, False for a skippable one; raises for anything else."""
     base = layer.get_base_layer()
     linear_lora = isinstance(layer, LoraLinear) or (
         _is_bnb(base) and type(layer).__module__ == "peft.tuners.lora.bnb"
     )
-    if not linear_lora or not isinstance(base, nn.Linear | Conv1D):
+    supported = linear_lora and isinstance(base, nn.Linear | Conv1D)
+    if not supported and not isinstance(layer, SKIPPABLE):
         raise GradLoraError(
-            f"target module {module_name!r} is a {type(base).__name__} wrapped by "
-            f"{type(layer).__name__}; gradlora supports torch.nn.Linear and transformers' Conv1D "
-            "only: remove it from LoraConfig.target_modules"
+            f"target module {module_name!r} is {_describe(layer)}; gradlora supports LoRA on "
+            "nn.Linear and transformers' Conv1D layers (and can skip nn.Embedding and "
+            "convolution layers with skip_unsupported=True): remove it from "
+            "LoraConfig.target_modules"
         )
     if not base.weight.is_floating_point() and not _is_bnb(base):
         raise GradLoraError(
@@ -238,3 +338,4 @@ def _check_supported(module_name: str, layer: LoraLayer, adapter: str) -> None:
         raise GradLoraError(
             f"{module_name!r} has merged adapters; call model.unmerge_adapter() first"
         )
+    return supported

@@ -22,12 +22,12 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..adapter_io import install_portable_save
 from ..capture import LossFn
 from ..errors import GradLoraError
 from ..initialization import InitReport, initialize
 from ..inits import make_method
-from ..targets import find_targets, is_offset, peft_model_of
+from ..portable_save import install_portable_save
+from ..targets import is_offset, peft_model_of, scan_layers
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,9 @@ class GradLoraCallback(TrainerCallback):
     """Initialize the LoRA adapter from gradients inside ``Trainer.train()``, before step one.
 
     ``GradLoraCallback(method="lora-ga" | "lora-one", num_batches=8, loss_fn=None, progress=None,
-    **options)``; the options are ``gradlora.initialize``'s. The gradient is averaged over the
+    skip_unsupported=False, **options)``; the options are ``gradlora.initialize``'s
+    (``skip_unsupported=True``: LoRA on nn.Embedding / nn.Conv2d layers stays at peft's init;
+    build the optimizer with the same option). The gradient is averaged over the
     first ``num_batches`` batches of the Trainer's own train dataloader (per-device micro-batches,
     so gradient accumulation does not change it); batches are the collated dicts the model gets
     (with labels), or anything ``loss_fn(model, batch)`` turns into a scalar loss. ``progress``
@@ -47,7 +49,9 @@ class GradLoraCallback(TrainerCallback):
     not on ``resume_from_checkpoint`` (the checkpoint's trained adapter is loaded instead; for
     LoRA-GA the base weights are offset again from the factors saved with it). For LoRA-GA,
     ``trainer.save_model()`` and checkpoints write a plain rank-2r peft adapter that loads on the
-    ORIGINAL base model. Single process only (no torchrun / DDP yet).
+    ORIGINAL base model. Single process only for now (no torchrun / DDP): in a data-parallel run,
+    call ``gradlora.initialize`` on every rank (a collective), or initialize in one process and
+    ``gradlora.load_adapter`` the saved adapter on every rank.
     """
 
     def __init__(
@@ -56,10 +60,12 @@ class GradLoraCallback(TrainerCallback):
         num_batches: int = 8,
         loss_fn: LossFn | None = None,
         progress: bool | None = None,
+        skip_unsupported: bool = False,
         **options: Any,
     ):
         self.spec = make_method(method, **options)  # fail at construction on a bad method/option
         self.method, self.num_batches, self.loss_fn = method, num_batches, loss_fn
+        self.skip_unsupported = skip_unsupported
         self.progress, self.options = progress, options
         self.report: InitReport | None = None
         self.resumed_at: int | None = None  # global step a resumed run started from
@@ -80,7 +86,7 @@ class GradLoraCallback(TrainerCallback):
         self._install(peft_model)
         if state.global_step > 0:
             self.resumed_at = state.global_step
-            if self.spec.offsets_base and not is_offset(find_targets(peft_model)):
+            if self.spec.offsets_base and not is_offset(scan_layers(peft_model)[0]):
                 raise GradLoraError(
                     f"resumed at step {state.global_step} with {self.method}, but the checkpoint's "
                     "adapter is not gradlora's converted LoRA-GA form, so the base weights were not "
@@ -94,9 +100,13 @@ class GradLoraCallback(TrainerCallback):
             return
         if args.world_size > 1:
             raise GradLoraError(
-                f"GradLoraCallback runs in a single process, but world_size={args.world_size}: "
-                "initialize once with gradlora.initialize, save with gradlora.save_adapter and load "
-                "it in every rank with gradlora.load_adapter"
+                "GradLoraCallback runs in a single process for now, but "
+                f"world_size={args.world_size}. For a data-parallel run, drop the callback and "
+                "either call gradlora.initialize yourself on EVERY rank with that rank's batches "
+                "(it is a collective: called on one rank only it stops with an error; then save "
+                "with gradlora.save_adapter from rank 0), or run the init in a single process "
+                "beforehand, save it with gradlora.save_adapter and load it with "
+                "gradlora.load_adapter on every rank"
             )
         if train_dataloader is None:
             raise GradLoraError("the Trainer has no train dataloader to estimate the gradient on")
@@ -111,6 +121,7 @@ class GradLoraCallback(TrainerCallback):
             num_batches=self.num_batches,
             loss_fn=self.loss_fn,
             progress=progress,
+            skip_unsupported=self.skip_unsupported,
             **self.options,
         )
         # WARNING: the level transformers users see by default (its own INFO is hidden)

@@ -251,16 +251,19 @@ def create_lora_pro_optimizer(
     weight_decay: float = 0.0,
     damping: float = 1e-6,
     bias_correction: bool = True,
+    skip_unsupported: bool = False,
 ) -> LoraProAdamW:
     """LoraProAdamW over a PeftModel: the active adapter's (A, B) pairs with their scalings
     (alpha/r, or alpha/sqrt(r) with rsLoRA, read from each layer), and every other trainable
     parameter (head, biases) as plain AdamW. mode="full" keeps two (m, n) fp32 moments per
     adapted weight and logs how much memory that is. Works in plain loops, with LR schedulers,
-    gradient clipping and ``Trainer(optimizers=(opt, scheduler))``.
+    gradient clipping and ``Trainer(optimizers=(opt, scheduler))``. LoRA on layers other than
+    nn.Linear / Conv1D (nn.Embedding, nn.Conv2d) is an error unless ``skip_unsupported=True``,
+    which trains their LoRA weights with plain AdamW, unpaired.
     """
     if mode not in MODES:
         raise GradLoraError(f"unknown LoRA-Pro mode {mode!r}; choose 'efficient' or 'full'")
-    pairs, others = split_trainable(model)
+    pairs, others = split_trainable(model, skip_unsupported)
     if mode == "full":
         extra = sum(2 * p.B.shape[0] * p.A.shape[1] * 4 for p in pairs)
         log.warning(

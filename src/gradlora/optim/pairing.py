@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import GradLoraError
-from ..targets import find_targets
+from ..targets import LoraTarget, find_layers
 
 _LORA_PARAM_MARKERS = (
     ".lora_A.",
@@ -28,9 +28,14 @@ class LoraPair:
     scaling: float  # s = alpha / r (alpha / sqrt(r) with rsLoRA)
 
 
-def find_lora_pairs(model: nn.Module) -> list[LoraPair]:
-    """The (A, B) pair of every LoRA layer of the active adapter."""
-    return [LoraPair(t.name, t.A, t.B, t.scaling) for t in find_targets(model)]
+def _pairs(targets: list[LoraTarget]) -> list[LoraPair]:
+    return [LoraPair(t.name, t.A, t.B, t.scaling) for t in targets]
+
+
+def find_lora_pairs(model: nn.Module, skip_unsupported: bool = False) -> list[LoraPair]:
+    """The (A, B) pair of every supported LoRA layer of the active adapter (see
+    ``gradlora.targets.find_layers`` for ``skip_unsupported``)."""
+    return _pairs(find_layers(model, skip_unsupported)[0])
 
 
 def group_by_rank(params: list[Tensor]) -> list[list[int]]:
@@ -42,19 +47,25 @@ def group_by_rank(params: list[Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def split_trainable(model: nn.Module) -> tuple[list[LoraPair], list[nn.Parameter]]:
+def split_trainable(
+    model: nn.Module, skip_unsupported: bool = False
+) -> tuple[list[LoraPair], list[nn.Parameter]]:
     """(pairs of the active adapter, every other trainable parameter).
 
     A trainable LoRA parameter outside the active adapter would silently get unpaired updates,
-    so it is an error.
+    so it is an error. With ``skip_unsupported=True`` the LoRA parameters of the active
+    adapter's unsupported layers (nn.Embedding, convolutions) are "other" parameters (plain
+    AdamW) instead of an error.
     """
-    pairs = find_lora_pairs(model)
+    targets, skipped = find_layers(model, skip_unsupported)
+    pairs = _pairs(targets)
     paired = {id(p) for pair in pairs for p in (pair.A, pair.B)}
+    unpaired = {id(p) for layer in skipped for p in layer.lora_parameters()}
     others = []
     for name, p in model.named_parameters():
         if id(p) in paired or not p.requires_grad:
             continue
-        if any(marker in name for marker in _LORA_PARAM_MARKERS):
+        if id(p) not in unpaired and any(marker in name for marker in _LORA_PARAM_MARKERS):
             raise GradLoraError(
                 f"trainable LoRA parameter {name!r} is not part of the active adapter's (A, B) "
                 "pairs; freeze it (requires_grad_(False)) or make its adapter the active one"

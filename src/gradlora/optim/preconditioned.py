@@ -130,14 +130,17 @@ def create_preconditioned_optimizer(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     bias_correction: bool = True,
+    skip_unsupported: bool = False,
 ) -> PreconditionedAdamW:
     """PreconditionedAdamW over a PeftModel: the active adapter's (A, B) pairs, preconditioned,
     and every other trainable parameter (classifier head, biases, modules_to_save), plain AdamW.
 
     Pairs come from the model's LoRA layers, not from parameter order. Works in plain torch loops,
-    with LR schedulers, and as ``Trainer(optimizers=(opt, scheduler))``.
+    with LR schedulers, and as ``Trainer(optimizers=(opt, scheduler))``. LoRA on layers other
+    than nn.Linear / Conv1D (nn.Embedding, nn.Conv2d) is an error unless
+    ``skip_unsupported=True``, which trains their LoRA weights with plain AdamW, unpaired.
     """
-    pairs, others = split_trainable(model)
+    pairs, others = split_trainable(model, skip_unsupported)
     return PreconditionedAdamW(
         pair_param_groups(pairs, others),
         lr=lr,

@@ -21,11 +21,18 @@ from .lora_pro import create_lora_pro_optimizer
 from .preconditioned import create_preconditioned_optimizer
 
 
-def _adamw(model: nn.Module, lr: float, **kwargs: Any) -> Optimizer:
+def _adamw(model: nn.Module, lr: float, skip_unsupported: bool = False, **kwargs: Any) -> Optimizer:
+    # plain AdamW treats every LoRA layer alike, so there is nothing to skip: accepted, ignored
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, **kwargs)
 
 
 def _riemannian(model: nn.Module, lr: float, **kwargs: Any) -> Optimizer:
+    if "skip_unsupported" in kwargs:
+        raise GradLoraError(
+            "skip_unsupported is an option of gradlora's optimizers ('preconditioned', "
+            "'lora-pro'; 'adamw' accepts and ignores it), not of peft's 'riemannian', which "
+            "decides by itself which LoRA weights it preconditions; drop the option"
+        )
     return create_riemannian_optimizer(model, torch.optim.AdamW, lr=lr, **kwargs)
 
 
@@ -44,10 +51,13 @@ def create_optimizer(model: nn.Module, name: str, lr: float, **kwargs: Any) -> O
 
     "adamw": torch AdamW over every trainable parameter (LoRA-GA's choice);
     "preconditioned": gradlora's preconditioned AdamW for LoRA pairs (LoRA-One's choice; kwargs
-    damping, betas, eps, weight_decay, bias_correction); "lora-pro": LoRA-Pro's adjusted AdamW
-    (kwargs mode="efficient"|"full", damping, betas, eps, weight_decay); "riemannian": peft's
-    Riemannian-preconditioned AdamW (``peft.optimizers.create_riemannian_optimizer``, kwargs
-    passed on). ``model`` may be wrapped (``gradlora.targets.unwrap``); the pair optimizers need
+    damping, betas, eps, weight_decay, bias_correction, skip_unsupported); "lora-pro": LoRA-Pro's
+    adjusted AdamW (kwargs mode="efficient"|"full", damping, betas, eps, weight_decay,
+    skip_unsupported); "riemannian": peft's Riemannian-preconditioned AdamW
+    (``peft.optimizers.create_riemannian_optimizer``, kwargs passed on).
+    ``skip_unsupported=True`` lets the pair optimizers train LoRA on nn.Embedding / nn.Conv2d
+    layers with plain AdamW instead of refusing the model; "adamw" accepts and ignores it (it
+    pairs nothing), "riemannian" refuses it. ``model`` may be wrapped (``gradlora.targets.unwrap``); the pair optimizers need
     a PeftModel with LoRA layers. Build it on the PeftModel before creating the Trainer; a gradlora init writes A
     and B in place, so the optimizer keeps pointing at the right tensors.
     """

@@ -1,0 +1,56 @@
+"""One PeftModel's own ``save_pretrained`` and ``load_adapter``, made portable after an offset.
+
+peft's ``save_pretrained`` (which ``Trainer.save_model`` and every checkpoint call) would write
+the rank-r adapter relative to the offset base; ``install_portable_save`` makes that one
+instance write ``adapter_io.save_adapter``'s portable rank-2r form once its base is offset, and
+its ``load_adapter`` (``resume_from_checkpoint``, ``load_best_model_at_end``) read it back.
+``initialize`` installs it after a LoRA-GA init, and ``GradLoraCallback`` before a resume.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+from peft import PeftModel
+
+from .adapter_io import is_converted, load_converted_into, save_adapter
+from .errors import GradLoraError
+from .targets import active_adapter, is_offset, scan_layers
+
+
+def _save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
+    """PeftModel.save_pretrained, writing the portable rank-2r form once the base is offset."""
+    targets = scan_layers(self)[0]
+    if not is_offset(targets):
+        return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    selected = kwargs.get("selected_adapters")
+    if selected is not None and list(selected) != [targets[0].adapter]:
+        raise GradLoraError(
+            f"selected_adapters={selected}: a LoRA-GA model saves its active adapter only "
+            "(gradlora.save_adapter); save other adapters from a model without the offset"
+        )
+    if kwargs.get("is_main_process", True):
+        save_adapter(self, save_directory)
+    return None
+
+
+def _load_adapter(self: PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any):
+    """PeftModel.load_adapter, reading gradlora's converted form into the active adapter."""
+    if not is_converted(model_id):
+        return type(self).load_adapter(self, model_id, adapter_name, *args, **kwargs)
+    if adapter_name != active_adapter(self):
+        raise GradLoraError(
+            f"the converted adapter at {model_id} can only be loaded into the active adapter, "
+            f"not into {adapter_name!r}"
+        )
+    load_converted_into(self, model_id)
+    return None
+
+
+def install_portable_save(model: PeftModel) -> None:
+    """Make this PeftModel instance's ``save_pretrained`` write ``save_adapter``'s portable form
+    once its base is offset, and its ``load_adapter`` read that form back (trained A, B, heads
+    and the offset). Other instances and the class are untouched; idempotent."""
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
+    model.load_adapter = types.MethodType(_load_adapter, model)
