@@ -39,7 +39,6 @@ from .targets import (
     LoraTarget,
     SkippedLayer,
     active_adapter,
-    find_targets,
     is_offset,
     scan_layers,
     unwrap,
@@ -214,7 +213,7 @@ def _check_base_of(model: nn.Module, sidecar: Mapping[str, Any], path: Path) -> 
     saved = sidecar.get("base")
     if not saved:
         return
-    for t in find_targets(model):
+    for t in scan_layers(model)[0]:  # skipped layers are never offset
         if t.name not in saved:
             continue  # the layer set itself is checked by the loaders
         current = t.original_signature() or weight_signature(t.weight_mn(), t.name)
