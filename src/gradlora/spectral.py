@@ -7,6 +7,7 @@ Computation happens in fp32 (fp64 when given fp64), on the matrix's device.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -112,6 +113,29 @@ def gaussian_test_matrix(
     ``seed``, then moved to ``device``: the same numbers on every device, global RNG untouched."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(rows, cols, generator=gen, dtype=torch.float32).to(device)
+
+
+@dataclass(frozen=True)
+class SeededGaussian:
+    """A seeded Gaussian test matrix held as its recipe: ``tm()`` makes the (rows, cols) fp32
+    tensor (``gaussian_test_matrix``), bit-identical every call, so a sketch need not keep it."""
+
+    rows: int
+    cols: int
+    seed: int
+    device: torch.device | str = "cpu"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows, self.cols
+
+    def __call__(self) -> Tensor:
+        return gaussian_test_matrix(self.rows, self.cols, self.seed, self.device)
+
+
+def materialize(M: Tensor | SeededGaussian) -> Tensor:
+    """The tensor of ``M``: itself, or a SeededGaussian made for this use."""
+    return M() if isinstance(M, SeededGaussian) else M
 
 
 def orthonormal_basis(Y: Tensor) -> Tensor:

@@ -143,6 +143,7 @@ class Bench:
                 weight_decay=cfg.weight_decay,
                 device=self.device,
                 progress=False,
+                quantize=cfg.quantize,
             )
             sched = loop.make_scheduler(built.optimizer, cfg.schedule, cfg.steps, cfg.warmup)
             torch.manual_seed(seed + 2)  # identical dropout draws for every method

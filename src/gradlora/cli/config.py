@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import GradLoraError
+from .data import QUANTIZE
 from .tasks import CLASSIFICATION
 
 # bump when a change of the code changes what a bench run with the same settings computes
@@ -38,6 +39,7 @@ class RunConfig:
     val_size: float | None = None  # count or fraction; None: 500 (rotten-tomatoes) / 10%
     test_size: float | None = None  # count or fraction; None: 1,000 (rotten-tomatoes) / 10%
     num_layers: int | None = None  # keep only the first transformer blocks (tests, smoke runs)
+    quantize: str | None = None  # "nf4" / "int8": a bitsandbytes base (QLoRA); None: fp32
     device: str = "auto"  # "auto": cuda if available, else cpu
     progress: bool = True  # tqdm bars
 
@@ -56,6 +58,8 @@ class RunConfig:
             raise GradLoraError(
                 f"--weight-decay must be a finite number >= 0; got {self.weight_decay:g}"
             )
+        if self.quantize not in (None, *QUANTIZE):
+            raise GradLoraError(f"--quantize must be one of {', '.join(QUANTIZE)}")
         if self.schedule not in SCHEDULES:
             raise GradLoraError(f"--schedule must be one of {', '.join(SCHEDULES)}")
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
@@ -96,6 +100,8 @@ class RunConfig:
             "weight_decay": self.weight_decay,
             "schedule": self.schedule,
             "warmup_steps": self.warmup,
+            # only when set, so that the keys of every earlier (fp32) run stay as they were
+            **({"quantize": self.quantize} if self.quantize is not None else {}),
         }
 
 

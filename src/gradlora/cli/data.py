@@ -25,6 +25,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
 )
 from transformers.utils import logging as hf_logging
 
@@ -100,12 +101,19 @@ def load_pretrained(
     num_labels: int | None = 2,
     num_hidden_layers: int | None = None,
     seed: int = 0,
+    quantize: str | None = None,
+    device: torch.device | str = "cpu",
 ):
     """A pretrained fp32 model from ``path``: a sequence classifier with a new head drawn from
     ``seed`` (``classification``), else a causal LM. ``num_hidden_layers`` keeps only the first
-    blocks (1 gives a fast real-weight model). transformers' "newly initialized head" notice and
-    its loading bar are silenced: both are expected here."""
-    kwargs = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
+    blocks (1 gives a fast real-weight model). ``quantize`` ("nf4" or "int8") loads the linear
+    layers with bitsandbytes (QLoRA), placed on ``device`` at load, computing in fp32 on CPU
+    and bf16 on CUDA. transformers' "newly initialized head" notice and its loading bar are
+    silenced: both are expected here."""
+    kwargs: dict = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
+    if quantize is not None:
+        kwargs |= {"quantization_config": quantization_config(quantize, device)}
+        kwargs |= {"device_map": {"": torch.device(device)}}
     torch.manual_seed(seed)
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -120,6 +128,24 @@ def load_pretrained(
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+QUANTIZE = ("nf4", "int8")
+
+
+def quantization_config(quantize: str, device: torch.device | str) -> BitsAndBytesConfig:
+    """bitsandbytes' settings of ``--quantize``: nf4 (QLoRA's 4-bit NormalFloat, computing in
+    bf16 on CUDA and fp32 on CPU) or int8 (LLM.int8)."""
+    if quantize not in QUANTIZE:
+        raise GradLoraError(f"--quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise GradLoraError("--quantize needs bitsandbytes: pip install 'gradlora[quant]'")
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+    )
 
 
 def load_minilm_classifier(

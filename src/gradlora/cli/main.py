@@ -9,6 +9,7 @@ import warnings
 from ..errors import GradLoraError
 from .bench import run_bench
 from .config import BenchConfig, TrainConfig
+from .data import QUANTIZE
 from .recipes import RECIPES
 from .report import format_table
 from .tasks import DATASETS, MODELS
@@ -159,6 +160,12 @@ def _common(p: argparse.ArgumentParser, steps: int, batch: int | None, length: i
     p.add_argument(
         "--num-layers", type=int, default=None, help="keep only the first transformer blocks"
     )
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        default=None,
+        help="load the base in 4-bit nf4 or 8-bit with bitsandbytes (QLoRA); LoRA methods only",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -267,6 +274,7 @@ def _run_fields(args) -> dict:
         val_size=args.val_size,
         test_size=args.test_size,
         num_layers=args.num_layers,
+        quantize=args.quantize,
         device=args.device,
         progress=not args.no_progress,
     )

@@ -255,6 +255,7 @@ def build(
     weight_decay: float = 0.01,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    quantize: str | None = None,
 ) -> Built:
     """A fresh model of ``task`` prepared for ``method`` and its optimizer.
 
@@ -263,7 +264,12 @@ def build(
     use the first ``init_batches`` of ``train_batches``: the batches training starts with.
     """
     method = get_recipe(method) if isinstance(method, str) else method
-    model = task.load_base(seed).to(device)
+    if quantize is not None and method.init not in (None, "lora-ga", "lora-one"):
+        raise GradLoraError(
+            f"--quantize {quantize} with method {method.name}: full fine-tuning, PiSSA and peft's "
+            "LoRA-GA need float base weights; use lora, lora-ga, lora-one or lora-pro"
+        )
+    model = task.load_base(seed, quantize, device)
     init_seconds, summary = 0.0, None
     if method.full:
         model.train()

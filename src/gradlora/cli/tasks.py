@@ -74,11 +74,22 @@ class Task:
     def task_type(self) -> str:
         return "SEQ_CLS" if self.kind == CLASSIFICATION else "CAUSAL_LM"
 
-    def load_base(self, seed: int = 0) -> nn.Module:
-        """A fresh pretrained model; a new classification head is drawn from ``seed``."""
+    def load_base(
+        self, seed: int = 0, quantize: str | None = None, device: torch.device | str = "cpu"
+    ) -> nn.Module:
+        """A fresh pretrained model on ``device``; a new classification head is drawn from
+        ``seed``; ``quantize`` as ``data.load_pretrained``."""
         model = load_pretrained(
-            self.model_path, self.kind == CLASSIFICATION, self.num_labels, self.num_layers, seed
+            self.model_path,
+            self.kind == CLASSIFICATION,
+            self.num_labels,
+            self.num_layers,
+            seed,
+            quantize,
+            device,
         )
+        if quantize is None:
+            model = model.to(device)
         if self.kind == CLASSIFICATION and model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         if self.label_names:

@@ -43,7 +43,7 @@ def _state_names(model: torch.nn.Module, everything: bool) -> list[str]:
 
 
 def save_checkpoint(
-    path: Path, key: str, step: int, losses, model, optimizer, scheduler, method, rank_rng=None
+    path: Path, key: str, step: int, losses, model, optimizer, scheduler, everything, rank_rng=None
 ):
     """Write the checkpoint atomically. ``rank_rng``: every rank's (CPU, CUDA) RNG state under
     torchrun (then the checkpoint also records the number of processes)."""
@@ -52,9 +52,7 @@ def save_checkpoint(
         "config_key": key,
         "step": step,
         "losses": list(losses),
-        "model": {
-            n: state[n].detach().cpu().clone() for n in _state_names(model, method.offsets_base)
-        },
+        "model": {n: state[n].detach().cpu().clone() for n in _state_names(model, everything)},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": torch.get_rng_state(),
@@ -174,6 +172,7 @@ def _main_train(cfg: TrainConfig, ranks: Ranks) -> int:
         weight_decay=cfg.weight_decay,
         device=device,
         progress=progress,
+        quantize=cfg.quantize,
     )
     model, opt = built.model, built.optimizer
     if built.init_summary:
@@ -198,11 +197,16 @@ def _main_train(cfg: TrainConfig, ranks: Ranks) -> int:
     ranks.same(start_step, "the step to resume from")
     net = ranks.wrap(model)  # DistributedDataParallel under torchrun; the model itself alone
 
+    # the whole state when the init rewrote base weights; a quantized base is never rewritten
+    rewrites = method.offsets_base and cfg.quantize is None
+
     def on_step(step: int, result) -> None:
         if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
             rank_rng = ranks.rng_states() if ranks.active else None  # collective
             if ranks.main:
-                save_checkpoint(ckpt, key, step, result.losses, model, opt, sched, method, rank_rng)
+                save_checkpoint(
+                    ckpt, key, step, result.losses, model, opt, sched, rewrites, rank_rng
+                )
 
     result = loop.train(
         net,
