@@ -6,6 +6,9 @@ Models (LoRA r=8, alpha=16, no dropout):
   llama   a synthetic wide Llama from LlamaConfig (hidden 1024, intermediate 2816, 16 heads,
           --llama-layers layers, vocab 2048, random weights), random token batches of B x
           --llama-seq, causal LM loss, all 7 projections targeted
+  smollm2-nf4  the real SmolLM2-135M loaded in 4-bit nf4 with bitsandbytes (QLoRA, fp32
+          compute on CPU), Hamlet chunks of --llama-seq tokens in batches of --llama-batch, all
+          7 projections targeted; LoRA-GA carries its offset in the adapter (offset="auto")
 
 Cases (N = --batches batches):
   lora_passes     N plain forward+backward passes of the LoRA model (the floor)
@@ -13,7 +16,8 @@ Cases (N = --batches batches):
   gradlora_exact  gradlora.initialize(method="lora-ga", gradient="exact")
   gradlora_sketch gradlora.initialize(method="lora-ga", gradient="sketch") at its defaults
   peft_loraga     peft 0.21's preprocess_loraga + get_peft_model(init_lora_weights="lora_ga")
-  (full_passes and gradlora_one: as before, with --cases)
+  (full_passes, gradlora_one, gradlora_sketch_adapter (the sketch init with offset="adapter",
+  which never rewrites a base weight, so keeps no rollback copy of one): with --cases)
 
 Memory: ``peak`` is the process's RSS high-water mark during the case (reset at its start) on
 CPU, CUDA's max_memory_allocated on a GPU; ``increase`` is peak minus what was in use when
@@ -43,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CASES = ["lora_passes", "lora_step", "gradlora_exact", "gradlora_sketch", "peft_loraga"]
-EXTRA_CASES = ["full_passes", "gradlora_one"]
+EXTRA_CASES = ["full_passes", "gradlora_one", "gradlora_sketch_adapter"]
 RESULTS = Path(__file__).parent / "results"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -67,6 +71,21 @@ def build(model_name: str, args, device):
         train, _ = load_rotten_tomatoes()
         batches = make_batches(tok, train, args.batch_size, 64, args.batches)
         config = minilm_lora_config
+    elif model_name == "smollm2-nf4":
+        from gradlora.cli.data import load_pretrained, make_batches, smollm2_path
+        from gradlora.cli.tasks import load_task
+
+        task = load_task("smollm2", "hamlet", max_length=args.llama_seq)
+        model = load_pretrained(smollm2_path(), False, quantize="nf4", device=device)
+        batches = make_batches(
+            task.tokenizer, task.splits["train"], args.llama_batch, args.llama_seq, args.batches
+        )
+
+        def config(**overrides):
+            kw = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LLAMA_TARGETS)
+            return LoraConfig(task_type="CAUSAL_LM", **(kw | overrides))
+
+        return model, config, [move_to(b, device) for b in batches]
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -140,7 +159,8 @@ def run_case(model_name: str, case: str, args) -> dict:
                 opt.zero_grad(set_to_none=True)
         else:
             method = "lora-one" if case == "gradlora_one" else "lora-ga"
-            gradient = "sketch" if case == "gradlora_sketch" else "exact"
+            gradient = "sketch" if case.startswith("gradlora_sketch") else "exact"
+            offset = "adapter" if case.endswith("_adapter") else "auto"
             with measure(dev) as cost:
                 rep = gradlora.initialize(
                     model,
@@ -149,6 +169,7 @@ def run_case(model_name: str, case: str, args) -> dict:
                     num_batches=len(batches),
                     progress=False,
                     gradient=gradient,
+                    offset=offset,
                 )
             out.update(
                 capture_seconds=rep.capture.seconds,
