@@ -99,7 +99,8 @@ def initialize(
 
     gradient="exact" holds G in an fp32 (m, n) accumulator per layer (4 bytes per adapted
     weight) and takes its SVD; on a quantized layer it is filled from module hooks as
-    sum over tokens of deltaᵀ x, the gradient at the dequantized weights the layer computes with. gradient="sketch" never forms G: module hooks accumulate thin
+    sum over tokens of deltaᵀ x, the gradient at the dequantized weights the layer computes with.
+    gradient="sketch" never forms G: module hooks accumulate thin
     randomized sketches of it from each layer's input and output gradient, no weight requires
     grad, and ``sketch_passes`` passes over the same batches give the top triplets (1: single-pass
     sketch, about one plain pass; 2: range finder plus exact projection; more: power
@@ -116,7 +117,7 @@ def initialize(
     ``skip_unsupported=True``: then those layers stay exactly at peft's init (their LoRA branch
     stays on during capture), the rest is initialized, one WARNING on the "gradlora" logger
     names them, and ``InitReport.skipped`` lists them. DoRA, lora_bias, merged adapters and
-    quantized weights are errors either way.
+    quantized weights other than bitsandbytes 4-bit / 8-bit are errors either way.
 
     Every check runs before anything is written, and the write is all-or-nothing: on any error
     the model is exactly as it was. Returns an InitReport (singular values per layer, time and

@@ -8,7 +8,7 @@ and the layer adds s B A x with s = alpha / r (alpha / sqrt(r) with rsLoRA).
 LoRA on other layers (peft's lora.Embedding, lora.Conv2d, ...) is refused unless the caller
 passes ``skip_unsupported=True``: then ``find_layers`` returns those layers apart as
 ``SkippedLayer``s (no init, plain AdamW) and logs one WARNING naming them. DoRA, lora_bias,
-merged adapters and quantized weights are errors on every layer, skipped or not.
+merged adapters and non-bitsandbytes quantized weights are errors on every layer, skipped or not.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def scan_layers(model: nn.Module) -> tuple[list[LoraTarget], list[SkippedLayer]]
     """(supported targets, skippable unsupported layers) of the active adapter, quietly.
 
     Every hard error is raised here for every layer, skippable or not (not LoRA, no LoRA
-    layers, several active adapters, a kind that cannot be skipped, quantized weights, DoRA,
+    layers, several active adapters, a kind that cannot be skipped, non-bitsandbytes quantized weights, DoRA,
     lora_bias, merged adapters). Callers that act on the choice use ``find_layers``.
     Accepts a PeftModel or any module into which peft injected LoRA layers, also inside the
     wrappers ``unwrap`` looks through.
