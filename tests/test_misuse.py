@@ -117,3 +117,16 @@ def test_summary_says_batches_per_rank():
     two = InitReport(method="lora-ga", options={}, num_batches=6, ranks=2)
     assert "from 6 batches (" in one.summary() and "ranks" not in one.summary()
     assert "from 6 batches (3 on each of 2 ranks)" in two.summary()
+
+
+@pytest.mark.parametrize("offset", ["weight", "adapter"])
+def test_disabled_adapter_is_the_original_model_after_lora_ga(offset):
+    """TRL's DPO takes its reference model from ``with model.disable_adapter():``; after a
+    LoRA-GA init that must be the original model, not the offset base W - s B0 A0."""
+    model, _ = tiny_peft("llama", r=2)
+    batches = make_batches("llama")
+    original = eval_logits(tiny_base("llama"), batches)
+    gradlora.initialize(model, batches, num_batches=2, offset=offset, progress=False)
+    with model.disable_adapter():
+        torch.testing.assert_close(eval_logits(model, batches), original, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(eval_logits(model, batches), original, rtol=1e-5, atol=1e-6)

@@ -12,8 +12,9 @@ per layer and forward. A0 (r, n), B0 (m, r) are the buffers ``targets.WEIGHT0`` 
 offset modes keep. The counter-term is applied by a forward hook on the peft LoRA layer while
 its adapter is active, not disabled and not merged; when peft merges the adapter into the base
 (``merge_adapter``, ``merge_and_unload``) the delta it merges is s (B A - B0 A0), so a merged
-or unloaded model is right too. With the adapter disabled the layer computes W x: the original
-model (the weight offset gives W' x there).
+or unloaded model is right too. With the adapter disabled the layer computes W x, the original
+model; for an offset written into the weight the same hook adds s B0 A0 x back while the
+adapter is disabled, so ``disable_adapter()`` is the original model in both modes.
 """
 
 from __future__ import annotations
@@ -36,36 +37,47 @@ def offset_mode(target: LoraTarget) -> str | None:
     return getattr(target.layer.lora_A[target.adapter], MODE, "weight")
 
 
-def _counter_terms(layer: nn.Module, active_only: bool = True) -> list[str]:
-    """The (active) adapters of ``layer`` that carry a counter-term."""
+def _offsets(layer: nn.Module, mode: str, active_only: bool) -> list[str]:
+    """The adapters of ``layer`` (active ones only, or all) whose offset is kept in ``mode``."""
     names = layer.active_adapters if active_only else list(layer.lora_A)
     names = [names] if isinstance(names, str) else names
     return [
         a
         for a in names
         if a in layer.lora_A
-        and getattr(layer.lora_A[a], MODE, None) == "adapter"
+        and getattr(layer.lora_A[a], MODE, None) == mode
         and getattr(layer.lora_A[a], WEIGHT0, None) is not None
     ]
 
 
-def _subtract_counter_term(layer: nn.Module, args: tuple, output: Any) -> Any:
-    """Forward hook: output - s B0 A0 x for each active adapter with a counter-term."""
-    if layer.disable_adapters or layer.merged or not isinstance(output, Tensor) or not args:
+def _term(layer: nn.Module, adapter: str, x: Tensor) -> Tensor:
+    """s B0 A0 x for ``adapter`` (in the factors' dtype)."""
+    A0 = getattr(layer.lora_A[adapter], WEIGHT0)
+    B0 = getattr(layer.lora_B[adapter], WEIGHT0)
+    return layer.scaling[adapter] * ((x.to(A0.dtype) @ A0.T) @ B0.T)
+
+
+def _apply_offsets(layer: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook. Adapter enabled: subtract s B0 A0 x for offsets kept in the adapter.
+    Adapter disabled: add s B0 A0 x back for offsets written into the weight, so that
+    ``disable_adapter()`` (a DPO reference model, say) is the original model in both modes."""
+    if not isinstance(output, Tensor) or not args:
         return output
     x = args[0]
-    for adapter in _counter_terms(layer):
-        A0 = getattr(layer.lora_A[adapter], WEIGHT0)
-        B0 = getattr(layer.lora_B[adapter], WEIGHT0)
-        term = (x.to(A0.dtype) @ A0.T) @ B0.T
-        output = output - (layer.scaling[adapter] * term).to(output.dtype)
+    if layer.disable_adapters:
+        for adapter in _offsets(layer, "weight", active_only=False):
+            output = output + _term(layer, adapter, x).to(output.dtype)
+    elif not layer.merged:
+        for adapter in _offsets(layer, "adapter", active_only=True):
+            output = output - _term(layer, adapter, x).to(output.dtype)
     return output
 
 
 def _delta_weight(layer: nn.Module, adapter: str) -> Tensor:
-    """peft's get_delta_weight, s B A (transposed for fan_in_fan_out), minus the counter-term."""
+    """peft's get_delta_weight, s B A (transposed for fan_in_fan_out), minus the counter-term of
+    an offset kept in the adapter (an offset in the weight is merged already)."""
     delta = type(layer).get_delta_weight(layer, adapter)
-    if adapter not in _counter_terms(layer, active_only=False):
+    if adapter not in _offsets(layer, "adapter", active_only=False):
         return delta
     A0 = getattr(layer.lora_A[adapter], WEIGHT0)
     B0 = getattr(layer.lora_B[adapter], WEIGHT0)
@@ -73,12 +85,13 @@ def _delta_weight(layer: nn.Module, adapter: str) -> Tensor:
     return delta - (counter.T if layer.fan_in_fan_out else counter)
 
 
-def install(target: LoraTarget) -> None:
-    """Carry ``target``'s counter-term in its LoRA layer (the factors must be stored already)."""
-    setattr(target.layer.lora_A[target.adapter], MODE, "adapter")
+def install(target: LoraTarget, mode: str) -> None:
+    """Record where ``target``'s offset is kept ("weight" or "adapter") and install the layer's
+    hook (the factors must be stored already)."""
+    setattr(target.layer.lora_A[target.adapter], MODE, mode)
     layer = target.layer
     if getattr(layer, _HANDLE, None) is None:
-        setattr(layer, _HANDLE, layer.register_forward_hook(_subtract_counter_term))
+        setattr(layer, _HANDLE, layer.register_forward_hook(_apply_offsets))
         layer.get_delta_weight = types.MethodType(_delta_weight, layer)
 
 
@@ -88,7 +101,7 @@ def remove(target: LoraTarget) -> None:
     if hasattr(module, MODE):
         delattr(module, MODE)
     layer = target.layer
-    if not _counter_terms(layer, active_only=False):
+    if not any(_offsets(layer, m, active_only=False) for m in ("weight", "adapter")):
         handle = getattr(layer, _HANDLE, None)
         if handle is not None:
             handle.remove()

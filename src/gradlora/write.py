@@ -85,8 +85,8 @@ def write_factors(
                 if rewrite:
                     new_w = inits.offset_weight(t.weight_mn(), A0, B0, t.scaling)
                     t.weight.copy_(new_w.T if t.transposed else new_w)
-                elif offset_base:
-                    counter_term.install(t)
+                if offset_base:
+                    counter_term.install(t, mode)
                 if set_adapter_weights:
                     t.A.copy_(A0)
                     t.B.copy_(B0)
