@@ -9,7 +9,8 @@ collect it, one protocol:
 - ``HookedExactAccumulator``: the same (m, n) sum, built as Σ δᵀ x from module hooks on the
   base layer's input and output gradient: no weight gradient and no float copy of W, so it
   works on quantized (bitsandbytes 4-bit / 8-bit) layers, whose G is the gradient at the
-  weights the layer computes with (the dequantized W_q).
+  weights the layer computes with (the dequantized W_q), and on FSDP2-sharded ones (the
+  layer's input and output gradient are whole on every rank).
 - ``SketchAccumulator``: never forms G; accumulates G M and L G for thin fixed M, L from the
   same module hooks (the sketch passes of ``gradlora.sketch``).
 """
@@ -118,14 +119,15 @@ class _ActivationHooks:
 
 class HookedExactAccumulator(_ActivationHooks):
     """Sum of dL/dW = Σ_t δ_tᵀ x_t in fp32, (m, n), from module hooks (module doc): for layers
-    whose weight cannot take a gradient (quantized). Per batch one fp32 copy of x (T, n) and
-    δ (T, m) and one ``addmm``; memory 4 bytes per weight entry for the sum."""
+    whose weight cannot take a gradient (quantized) or is sharded (FSDP2). Per batch one fp32
+    (fp64 for an fp64 adapter) copy of x (T, n) and δ (T, m) and one ``addmm``; memory 4 bytes
+    per weight entry for the sum."""
 
     def __init__(self, target: LoraTarget):
         self.target = target
         self.hits = 0
         m, n = target.shape
-        self.total = torch.zeros(m, n, dtype=torch.float32, device=target.A.device)
+        self.total = torch.zeros(m, n, dtype=math_dtype(target.A), device=target.A.device)
 
     def _add(self, x: Tensor, delta: Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(self.total.dtype)
@@ -143,8 +145,11 @@ class HookedExactAccumulator(_ActivationHooks):
 
 def exact_accumulator(target: LoraTarget) -> Accumulator:
     """The exact accumulator for ``target``: from the weight gradient for float weights (as
-    measured: no slower), from module hooks for quantized ones."""
-    return HookedExactAccumulator(target) if target.quantized else ExactAccumulator(target)
+    measured: no slower), from module hooks for quantized ones and for FSDP2-sharded ones (whose
+    weight gradient would be reduce-scattered into shards; activations are not sharded)."""
+    if target.quantized or target.sharded:
+        return HookedExactAccumulator(target)
+    return ExactAccumulator(target)
 
 
 class SketchAccumulator(_ActivationHooks):

@@ -6,13 +6,17 @@ rank (torchrun, ``accelerate launch``): call it on every rank, each with its sha
 1. Capture: each rank sums dL_b/dW over its batches; ``all_reduce_sum`` (capture's ``reduce``
    hook) adds the sums and the batch counts over all ranks, so G is the mean over all ranks'
    batches, exactly as one process over the union of the batches (up to summation order).
-2. SVD: every rank runs it on the same summed G (the randomized SVD uses its own seeded
-   generator), so the factors agree.
+2. SVD: each layer's decomposition runs on one rank (``assign_owners``: largest first to the
+   least loaded rank, so each rank does about 1/world of the SVD work), and ``share_factors``
+   sends each layer's (A0, B0, singular values) from its rank to all (one broadcast per rank,
+   r (m + n) numbers per layer), so every rank holds the same factors bit for bit.
 3. Write, then ``synchronize``: the written A, B, W (and the stored A0, B0) are fingerprinted
    bit for bit (two int64 per tensor, one small all-reduce for the whole model). Where a rank
    differs from rank 0 (float nondeterminism across GPU models or library versions), rank 0's
    tensors are broadcast, so every rank ends bit-identical whatever the hardware. On
-   homogeneous ranks nothing is broadcast.
+   homogeneous ranks nothing is broadcast. With FSDP2 (DTensor parameters sharded on dim 0)
+   each rank writes its own rows of A and B (``gradlora.sharding``) and only what every rank
+   holds whole is compared.
 
 Before step 1, ``check_joined`` makes sure every rank of the group has entered the init: a
 rank that calls it alone (``if rank == 0: gradlora.initialize(...)``) would otherwise wait in
@@ -40,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .errors import GradLoraError
+from .sharding import is_whole, local
 
 
 def world_size(group: Any = None) -> int:
@@ -221,11 +226,75 @@ def synchronize(tensors: Sequence[Tensor], group: Any = None, src: int = 0) -> l
 
 def synchronize_targets(targets: Sequence[Any], group: Any = None) -> list[str]:
     """``synchronize`` the written A, B, base weight W and stored A0, B0 of every LoRA target;
-    returns the names of the layers that had to be repaired from rank 0."""
+    returns the names of the layers that had to be repaired from rank 0.
+
+    A DTensor sharded on some mesh dimension (FSDP2) holds a different slice on each rank by
+    design, so only what every rank holds whole is compared: plain tensors, the local tensor
+    of a replicated DTensor, and A0, B0. The shards of A and B are cut from factors that are
+    bit-identical on every rank (``share_factors`` sends each from the one rank that computed
+    it), and a sharded W is never written."""
     tensors, owners = [], []
     for t in targets:
         stored = t.init_factors() or ()
         for x in (t.A, t.B, t.weight, *stored):
-            tensors.append(x.data)
+            if not is_whole(x):
+                continue
+            tensors.append(local(x).data)
             owners.append(t.name)
     return sorted({owners[i] for i in synchronize(tensors, group)})
+
+
+def assign_owners(costs: Sequence[float], ranks: int) -> list[int]:
+    """The rank (0 .. ranks-1) that computes each of the jobs of the given costs: largest first,
+    each to the least loaded rank (ties to the lowest), so every rank gets about 1/ranks of the
+    work. Depends only on ``costs``, so every rank computes the same assignment."""
+    load = [0.0] * ranks
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owner = min(range(ranks), key=lambda r: (load[r], r))
+        owners[i] = owner
+        load[owner] += costs[i]
+    return owners
+
+
+def group_rank(group: Any = None) -> int:
+    """This process's rank within ``group`` (default: the world)."""
+    return dist.get_rank(group)
+
+
+def share_factors(
+    results: dict[str, tuple[Tensor, ...]],
+    layout: dict[str, tuple[tuple[tuple[int, ...], torch.dtype], ...]],
+    owners: dict[str, int],
+    device: torch.device,
+    group: Any = None,
+) -> dict[str, tuple[Tensor, ...]]:
+    """Every rank's ``results`` on every rank: each rank computed the tensors of the layers it
+    owns (``owners``: name -> group rank), ``layout`` gives every layer's (shape, dtype) per
+    tensor (known to all ranks), and one broadcast per rank sends its layers' tensors packed
+    in fp64 (exact for fp32 and fp64), so each layer's tensors are bit-identical on all ranks.
+    Collective: every rank passes the same ``layout`` and ``owners``."""
+    me = group_rank(group)
+    out = {  # in the layout's dtypes on the owning rank too
+        n: tuple(x.to(dtype) for x, (_, dtype) in zip(xs, layout[n], strict=True))
+        for n, xs in results.items()
+    }
+    for src in range(world_size(group)):
+        names = [n for n in layout if owners[n] == src]
+        sizes = [math.prod(shape) for n in names for shape, _ in layout[n]]
+        if not names:
+            continue
+        if src == me:
+            flat = torch.cat(
+                [x.detach().reshape(-1).to(torch.float64) for n in names for x in results[n]]
+            ).to(device)
+        else:
+            flat = torch.empty(sum(sizes), dtype=torch.float64, device=device)
+        global_src = src if group is None else dist.get_global_rank(group, src)
+        dist.broadcast(flat, src=global_src, group=group)
+        if src == me:
+            continue
+        parts = iter(flat.split(sizes))
+        for n in names:
+            out[n] = tuple(next(parts).view(shape).to(dtype).clone() for shape, dtype in layout[n])
+    return out

@@ -19,6 +19,7 @@ from .errors import GradLoraError
 from .inits import check_rank, init_from_gradient, init_from_svd, make_method
 from .meter import PhaseCost, measure
 from .portable_save import install_portable_save
+from .precision import math_dtype
 from .sketch import check_sketch_options, choose_gradient, sketch_svds
 from .targets import LoraTarget, find_layers, unwrap
 from .write import resolve_offset, write_factors
@@ -92,7 +93,8 @@ def initialize(
     ``offset="weight"`` rewrites the base weight W' = W - s B0 A0; ``offset="adapter"`` leaves
     every base weight byte-identical and makes the LoRA layer subtract s B0 A0 x itself (one
     extra rank-r product per forward; the same outputs, gradients and steps); ``offset="auto"``
-    (default) is "adapter" on quantized (bitsandbytes 4-bit / 8-bit) bases, "weight" otherwise.
+    (default) is "adapter" on quantized (bitsandbytes 4-bit / 8-bit) or FSDP2-sharded bases,
+    "weight" otherwise.
     method="lora-one" (options: gamma=128, svd, svd_niter, seed): s B0 A0 = -(s / (gamma
     sigma_1)) [G]_r, no offset. Batches are dicts for ``model(**batch)`` returning ``.loss``, or
     anything ``loss_fn(model, batch)`` turns into a scalar loss.
@@ -131,7 +133,15 @@ def initialize(
     DistributedDataParallel is initialized through its ``.module``. Before the first collective
     every rank checks that all ranks of the group entered the init: it waits at most
     ``collective_timeout`` seconds (default: $GRADLORA_COLLECTIVE_TIMEOUT, else 60), then raises
-    a GradLoraError naming the ranks that did not, with the model untouched.
+    a GradLoraError naming the ranks that did not, with the model untouched. Each layer's SVD
+    runs on one rank and its factors are broadcast, so that phase takes about 1/world the time.
+
+    FSDP2 (``torch.distributed.fsdp.fully_shard`` on the PeftModel's layers and root, DTensor
+    parameters): call it the same way on every rank, on the sharded model. G is built from the
+    layers' inputs and output gradients (sum of deltaᵀ x, or the sketch), which FSDP2 does not
+    shard; each rank writes its own shards of A and B; ``offset="auto"`` is "adapter" (a sharded
+    base weight is never rewritten; "weight" is refused). FSDP1 (FullyShardedDataParallel) is
+    refused: shard with FSDP2, or initialize before wrapping.
     """
     sync = dist_.resolve(distributed, process_group)
     try:
@@ -144,6 +154,12 @@ def initialize(
         spec = make_method(method, **options)
         model = unwrap(model)
         targets, skipped = find_layers(model, skip_unsupported)
+        if not sync and dist_.world_size() > 1 and any(t.sharded for t in targets):
+            raise GradLoraError(
+                f"the model is sharded with FSDP2 across {dist_.world_size()} ranks, so its init "
+                "is a collective (every rank holds a slice of each factor): call initialize on "
+                "every rank with distributed=None (the default) or True, not distributed=False"
+            )
         mode = _check_before_write(spec, targets, gradient, sketch_passes, sketch_oversample)
         offset_mode = resolve_offset(offset, targets) if spec.offsets_base else None
     except Exception:
@@ -183,8 +199,18 @@ def initialize(
                 reduce=reduce,
             )
 
-    factors, layers = {}, {}
+    # with several ranks each layer's SVD runs on one of them and its factors are broadcast
+    names = list(accs)
+    ranks = dist_.world_size(process_group) if sync else 1
+    me = dist_.group_rank(process_group) if sync else 0
+    costs = [_svd_cost(by_name[n]) for n in names]
+    owners = dict(zip(names, dist_.assign_owners(costs, ranks), strict=True))
+    layout = {n: _factor_layout(by_name[n], spec) for n in names}
+    results = {}
     with measure(device) as svd_cost:
+        for name in names:
+            if owners[name] != me:
+                del accs[name]  # another rank decomposes it
         for name in tqdm(
             list(accs), desc=f"gradlora: {spec.name} SVD", unit="layer", disable=not progress
         ):
@@ -197,8 +223,15 @@ def initialize(
                 G = accs.pop(name).result(used)  # frees each (m, n) buffer as soon as it is used
                 A0, B0, S = init_from_gradient(G, t.rank, spec)
                 del G
-            factors[name] = (A0, B0)
-            layers[name] = LayerReport(shape=t.shape, rank=t.rank, singular_values=S.tolist())
+            results[name] = (A0, B0, S)
+        if sync:
+            results = dist_.share_factors(results, layout, owners, device, process_group)
+    factors, layers = {}, {}
+    for name in names:
+        A0, B0, S = results.pop(name)
+        t = by_name[name]
+        factors[name] = (A0, B0)
+        layers[name] = LayerReport(shape=t.shape, rank=t.rank, singular_values=S.tolist())
 
     write_factors(targets, factors, offset_base=spec.offsets_base, mode=offset_mode or "weight")
     if spec.offsets_base and isinstance(model, PeftModel):
@@ -220,6 +253,20 @@ def initialize(
         capture=capture_cost,
         svd=svd_cost,
     )
+
+
+def _svd_cost(t: LoraTarget) -> float:
+    """The relative cost of a layer's SVD, m n min(m, n) (exact; a randomized one scales alike)."""
+    m, n = t.shape
+    return float(m * n * min(m, n))
+
+
+def _factor_layout(t: LoraTarget, spec) -> tuple:
+    """((shape, dtype) of A0, B0 and the reported singular values) of one layer, as every rank
+    receives them: the factors in at least the adapter's precision (they are cast to it)."""
+    m, n = t.shape
+    dtype = math_dtype(t.A)
+    return (((t.rank, n), dtype), ((m, t.rank), dtype), ((spec.svd_rank(t.rank),), torch.float64))
 
 
 def _check_before_write(

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import GradLoraError
+from .sharding import is_sharded
 
 WEIGHT0 = "gradlora_weight0"  # buffer name of the init factors A0 / B0 on lora_A / lora_B
 BASE_SIGNATURE = "gradlora_base_signature"  # on lora_A: signature.py's of W before the offset
@@ -74,6 +75,12 @@ class LoraTarget:
     def shape(self) -> tuple[int, int]:
         """(m, n) = (out_features, in_features) of the effective weight."""
         return self.B.shape[0], self.A.shape[1]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the layer's weights are DTensors (FSDP2's ``fully_shard``): the base weight
+        is then never read whole nor rewritten, and A, B are written shard by shard."""
+        return any(is_sharded(p) for p in (self.weight, self.A, self.B))
 
     @property
     def quantized(self) -> bool:
@@ -139,8 +146,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     (``._orig_mod``) wrappers, however deeply nested.
 
     Working through DDP's forward would run its gradient all-reduce on parameters gradlora does
-    not train; gradlora works on the inner module and reduces itself. FSDP shards the weights,
-    so it is refused: initialize before wrapping in FSDP.
+    not train; gradlora works on the inner module and reduces itself. FSDP2 (``fully_shard``)
+    keeps the model's own class (as a subclass) with DTensor parameters, so it needs no
+    unwrapping; FSDP1 (``FullyShardedDataParallel``) flattens the weights and is refused.
     """
     while True:
         if isinstance(model, _WRAPPERS):
@@ -149,13 +157,23 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod  # torch.compile's OptimizedModule
         else:
             break
-    name = type(model).__name__
-    if name == "FullyShardedDataParallel" or name.startswith("FSDP"):
-        raise GradLoraError(
-            f"the model is wrapped in {name}, whose weights are sharded; call "
-            "gradlora.initialize on the PeftModel before wrapping it in FSDP"
-        )
+    check_not_fsdp1(model)
     return model
+
+
+def check_not_fsdp1(model: nn.Module) -> None:
+    """Refuse a model wrapped in FSDP1 (``FullyShardedDataParallel``, at the top or inside),
+    naming FSDP2 as the way to shard it."""
+    for name, module in model.named_modules():
+        if type(module).__name__ == "FullyShardedDataParallel":
+            where = "the model is" if not name else f"module {name!r} is"
+            raise GradLoraError(
+                f"{where} wrapped in FSDP1 (FullyShardedDataParallel), whose flat-parameter "
+                "sharding hides the LoRA weights; shard the model with FSDP2 instead "
+                "(torch.distributed.fsdp.fully_shard on each decoder layer and the root, or "
+                "accelerate's fsdp_version: 2), which gradlora supports, or call gradlora "
+                "before wrapping in FSDP1"
+            )
 
 
 def peft_model_of(model: nn.Module | None, user: str = "gradlora") -> PeftModel:

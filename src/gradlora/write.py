@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import counter_term, inits
 from .errors import GradLoraError
+from .sharding import full, local, local_part
 from .signature import weight_signature
 from .targets import BASE_SIGNATURE, WEIGHT0, LoraTarget
 
@@ -23,16 +24,24 @@ OFFSET_MODES = ("auto", "weight", "adapter")
 
 def resolve_offset(mode: str, targets: list[LoraTarget]) -> str:
     """``offset`` -> "weight" or "adapter": "auto" is "adapter" when any target's base is
-    quantized (it cannot be rewritten without re-quantizing) and "weight" otherwise."""
+    quantized (it cannot be rewritten without re-quantizing) or sharded (FSDP2: each rank holds
+    a slice of W), and "weight" otherwise."""
     if mode not in OFFSET_MODES:
         raise GradLoraError(f"unknown offset={mode!r}; choose one of {', '.join(OFFSET_MODES)}")
     quantized = [t.name for t in targets if t.quantized]
+    sharded = [t.name for t in targets if t.sharded]
     if mode == "auto":
-        return "adapter" if quantized else "weight"
+        return "adapter" if quantized or sharded else "weight"
     if mode == "weight" and quantized:
         raise GradLoraError(
             f"offset='weight' would rewrite the quantized base weight of {quantized[0]!r}, and "
             "re-quantizing W - s B0 A0 changes the model; use offset='adapter' (or 'auto')"
+        )
+    if mode == "weight" and sharded:
+        raise GradLoraError(
+            f"offset='weight' would rewrite the FSDP-sharded base weight of {sharded[0]!r}; "
+            "use offset='adapter' (or 'auto'), which leaves every base weight untouched and "
+            "computes the same outputs and steps"
         )
     return mode
 
@@ -68,17 +77,27 @@ def write_factors(
                 f"init factors for {t.name!r} have shapes {tuple(A0.shape)}, {tuple(B0.shape)}; "
                 f"the adapter needs {tuple(t.A.shape)}, {tuple(t.B.shape)}"
             )
+    signatures = {}  # of sharded bases, gathered one layer at a time before anything is written
+    if offset_base:
+        with torch.no_grad():
+            for t in (t for t in targets if t.sharded):
+                W = full(t.weight)  # a collective: every rank writes the same targets in order
+                signatures[t.name] = weight_signature(W.T if t.transposed else W, t.name)
+                del W
     undo: list[tuple[LoraTarget, Tensor, Tensor, Tensor | None]] = []
     try:
         with torch.no_grad():
             for t in targets:
-                A0 = factors[t.name][0].to(device=t.A.device, dtype=t.A.dtype)
-                B0 = factors[t.name][1].to(device=t.B.device, dtype=t.B.dtype)
+                # A, B may be DTensors (FSDP2): each rank writes its own shard of A0, B0
+                A, B = local(t.A), local(t.B)
+                A0 = factors[t.name][0].to(device=A.device, dtype=A.dtype)
+                B0 = factors[t.name][1].to(device=B.device, dtype=B.dtype)
                 rewrite = offset_base and mode == "weight"
                 old_w = t.weight.detach().clone() if rewrite else None
-                undo.append((t, t.A.detach().clone(), t.B.detach().clone(), old_w))
+                undo.append((t, A.clone(), B.clone(), old_w))
                 if offset_base:
-                    sig = torch.tensor(weight_signature(t.weight_mn(), t.name), dtype=torch.float64)
+                    sig = signatures.get(t.name) or weight_signature(t.weight_mn(), t.name)
+                    sig = torch.tensor(sig, dtype=torch.float64)
                     t.layer.lora_A[t.adapter].register_buffer(BASE_SIGNATURE, sig, persistent=False)
                     t.layer.lora_A[t.adapter].register_buffer(WEIGHT0, A0.clone(), persistent=False)
                     t.layer.lora_B[t.adapter].register_buffer(WEIGHT0, B0.clone(), persistent=False)
@@ -88,13 +107,13 @@ def write_factors(
                 if offset_base:
                     counter_term.install(t, mode)
                 if set_adapter_weights:
-                    t.A.copy_(A0)
-                    t.B.copy_(B0)
+                    A.copy_(local_part(A0, t.A))
+                    B.copy_(local_part(B0, t.B))
     except BaseException:
         with torch.no_grad():
             for t, old_a, old_b, old_w in reversed(undo):
-                t.A.copy_(old_a)
-                t.B.copy_(old_b)
+                local(t.A).copy_(old_a)
+                local(t.B).copy_(old_b)
                 if old_w is not None:
                     t.weight.copy_(old_w)
                 if offset_base:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..errors import GradLoraError
 from ..precision import math_dtype
+from ..sharding import local
 
 
 def check_hyperparameters(lr: float, betas: tuple[float, float], damping: float) -> None:
@@ -96,7 +97,9 @@ def adamw_foreach_(
     """``adamw_update_`` on every (p, g, state) with a handful of multi-tensor kernels.
 
     Parameters whose step counts differ (one skipped a step for lack of a gradient) are
-    stepped in separate buckets, so each gets its own bias correction.
+    stepped in separate buckets, so each gets its own bias correction. FSDP2's DTensor
+    parameters are stepped shard by shard: their moments are DTensors laid out like them, and
+    each grad is either a DTensor laid out like its parameter or this rank's shard of the update.
     """
     beta1, beta2 = betas
     buckets: dict[int, list[int]] = {}
@@ -105,11 +108,11 @@ def adamw_foreach_(
         state["step"] += 1
         buckets.setdefault(state["step"], []).append(i)
     for t, idx in buckets.items():
-        ps = [params[i] for i in idx]
-        ms = [states[i]["exp_avg"] for i in idx]
-        vs = [states[i]["exp_avg_sq"] for i in idx]
+        ps = [local(params[i]) for i in idx]
+        ms = [local(states[i]["exp_avg"]) for i in idx]
+        vs = [local(states[i]["exp_avg_sq"]) for i in idx]
         gs = [
-            grads[i] if grads[i].dtype == ms[k].dtype else grads[i].to(ms[k].dtype)
+            local(grads[i]) if grads[i].dtype == ms[k].dtype else local(grads[i]).to(ms[k].dtype)
             for k, i in enumerate(idx)
         ]
         torch._foreach_lerp_(ms, gs, 1 - beta1)

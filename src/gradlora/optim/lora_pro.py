@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 
 from ..errors import GradLoraError
 from ..precision import math_dtype
+from ..sharding import full, gather_rows, local, local_part, local_rows, sum_over_shards
 from .adamw import adam_direction_, adamw_foreach_, check_hyperparameters
 from .gram import damped_eigh, inverse_from_eigh, solve_sylvester_psd
 from .pairing import (
@@ -106,12 +107,15 @@ class PairBatch:
         out_B = [torch.addmm(B @ Y[i], g_Bs[i], right_B[i], beta=-1) for i, B in enumerate(self.Bs)]
         return out_A, out_B
 
-    def equivalent(self, i: int, g_A: Tensor, g_B: Tensor) -> Tensor:
-        """g̃ (m, n) of pair i: ``equivalent_gradient`` with the shared factorizations."""
+    def equivalent(self, i: int, g_A: Tensor, g_B: Tensor, rows: Tensor | None = None) -> Tensor:
+        """g̃ (m, n) of pair i: ``equivalent_gradient`` with the shared factorizations; with
+        ``rows`` (indices into m) only those rows of it, (len(rows), n)."""
         dtype = self.s.dtype
         A, B, B_inv = self.As[i], self.Bs[i], self.B_inv[i]
         g_A, g_B = g_A.to(dtype), g_B.to(dtype)
         left = (g_B - B @ (B_inv @ (B.T @ g_B))) @ self.A_inv[i]
+        if rows is not None:
+            left, B = left[rows], B[rows]
         return torch.addmm(left @ A, B, B_inv @ g_A).div_(self.s[i])
 
 
@@ -195,14 +199,16 @@ class LoraProAdamW(Optimizer):
             As = [params[2 * i] for i in idx]
             Bs = [params[2 * i + 1] for i in idx]
             ss = [group["scalings"][i] for i in idx]
-            g_As = [A.grad if A.grad is not None else torch.zeros_like(A) for A in As]
-            g_Bs = [B.grad if B.grad is not None else torch.zeros_like(B) for B in Bs]
-            batch = PairBatch(As, Bs, ss, group["damping"])
+            # FSDP2: the r x r algebra runs on whole A, B and gradients (gathered; small), and
+            # each rank applies its own shard of the update
+            g_As = [_whole_grad(A) for A in As]
+            g_Bs = [_whole_grad(B) for B in Bs]
+            batch = PairBatch([full(A) for A in As], [full(B) for B in Bs], ss, group["damping"])
             if group["mode"] == "efficient":
                 new_A, new_B = batch.adjust(g_As, g_Bs)
                 adamw_foreach_(
                     As + Bs,
-                    new_A + new_B,
+                    [local_part(d, p) for d, p in zip(new_A + new_B, As + Bs, strict=True)],
                     [self.state[p] for p in As + Bs],
                     **self._hyper(group),
                 )
@@ -214,22 +220,34 @@ class LoraProAdamW(Optimizer):
         lr, wd = hyper["lr"], hyper["weight_decay"]
         D_As, D_Bs = [], []
         for i, A in enumerate(As):  # one (m, n) g̃ and D live at a time
+            # FSDP2: g̃ and its moments are kept for this rank's rows of B only (the rows of
+            # m), so D_A = s BᵀD is summed over the ranks and D_B = s D Aᵀ gathered by rows
+            rows = local_rows(Bs[i])
             # the moments of g̃ live in A's state; D = m̂ / (sqrt(v̂) + eps) is AdamW's direction
             D = adam_direction_(
                 self.state[A],
-                batch.equivalent(i, g_As[i], g_Bs[i]),
+                batch.equivalent(i, g_As[i], g_Bs[i], rows),
                 betas=hyper["betas"],
                 eps=hyper["eps"],
                 bias_correction=hyper["bias_correction"],
             )
-            D_As.append(batch.s[i] * (batch.Bs[i].T @ D))
-            D_Bs.append(batch.s[i] * (D @ batch.As[i].T))
+            B = batch.Bs[i] if rows is None else batch.Bs[i][rows]
+            D_As.append(sum_over_shards(batch.s[i] * (B.T @ D), Bs[i]))
+            D_Bs.append(gather_rows(batch.s[i] * (D @ batch.As[i].T), Bs[i]))
             del D
         new_A, new_B = batch.adjust(D_As, D_Bs)
         for p, d in zip(As + Bs, new_A + new_B, strict=True):
+            d, p_local = local_part(d, p), local(p)
             if wd:
-                p.mul_(1 - lr * wd)
-            p.add_(d.to(p.dtype), alpha=-lr)
+                p_local.mul_(1 - lr * wd)
+            p_local.add_(d.to(p.dtype), alpha=-lr)
+
+
+def _whole_grad(p: Tensor) -> Tensor:
+    """p's whole gradient (gathered from FSDP2's shards), zeros if it has none."""
+    if p.grad is None:
+        return torch.zeros(p.shape, dtype=p.dtype, device=local(p).device)
+    return full(p.grad)
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -265,7 +283,8 @@ def create_lora_pro_optimizer(
         raise GradLoraError(f"unknown LoRA-Pro mode {mode!r}; choose 'efficient' or 'full'")
     pairs, others = split_trainable(model, skip_unsupported)
     if mode == "full":
-        extra = sum(2 * p.B.shape[0] * p.A.shape[1] * 4 for p in pairs)
+        # per rank: with FSDP2 each rank keeps the rows of its shard of B
+        extra = sum(2 * local(p.B).shape[0] * p.A.shape[1] * 4 for p in pairs)
         log.warning(
             "LoRA-Pro mode='full' keeps (m, n) Adam moments for %d adapted weights: %.1f MiB of "
             "extra optimizer memory (mode='efficient' keeps LoRA-sized moments)",

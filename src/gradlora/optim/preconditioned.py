@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from ..errors import GradLoraError
 from ..precision import math_dtype
+from ..sharding import full, local, local_part, require_row_layout
 from .adamw import adamw_foreach_, check_hyperparameters
 from .gram import damped_inverse, gram_inverses
 from .pairing import (
@@ -95,15 +96,20 @@ class PreconditionedAdamW(Optimizer):
                 for idx in group_by_rank(group["params"]):
                     As = [group["params"][2 * i] for i in idx]
                     Bs = [group["params"][2 * i + 1] for i in idx]
-                    B_inv = gram_inverses(Bs, left=True, damping=group["damping"])
-                    A_inv = gram_inverses(As, left=False, damping=group["damping"])
+                    # FSDP2: the Gram matrices from whole (gathered) A and B; ĝ_A from the whole
+                    # g_A, cut to this rank's shard; ĝ_B row by row from the local rows of g_B
+                    damping = group["damping"]
+                    B_inv = gram_inverses([full(B) for B in Bs], left=True, damping=damping)
+                    A_inv = gram_inverses([full(A) for A in As], left=False, damping=damping)
                     for k, (A, B) in enumerate(zip(As, Bs, strict=True)):
                         if A.grad is not None:
                             params.append(A)
-                            grads.append(B_inv[k] @ A.grad.to(B_inv.dtype))
+                            g = B_inv[k] @ full(A.grad).to(B_inv.dtype)
+                            grads.append(local_part(g, A))
                         if B.grad is not None:
                             params.append(B)
-                            grads.append(B.grad.to(A_inv.dtype) @ A_inv[k])
+                            require_row_layout(B)
+                            grads.append(local(B.grad).to(A_inv.dtype) @ A_inv[k])
             else:
                 params = [p for p in group["params"] if p.grad is not None]
                 grads = [p.grad for p in params]
