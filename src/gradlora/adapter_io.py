@@ -101,6 +101,13 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
             "save_adapter needs a peft.PeftModel (it writes the adapter's LoraConfig)"
         )
     targets, skipped = scan_layers(model)
+    sharded = [t.name for t in targets if t.sharded]
+    if sharded:
+        raise GradLoraError(
+            f"save_adapter does not support FSDP2-sharded models yet ({sharded[0]!r} has DTensor "
+            "weights, which every rank would have to gather); checkpoint the run with "
+            "torch.distributed.checkpoint to resume it"
+        )
     adapter = active_adapter(model)
     stored = [t.init_factors() for t in targets]
     converted = is_offset(targets)
