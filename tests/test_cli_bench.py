@@ -128,8 +128,9 @@ def test_table_marks_diverged_runs(tmp_path):
 
 @pytest.mark.parametrize("results", ["demo", "minilm-150"])
 def test_committed_runs_keep_their_keys(results):
-    """The run key of every committed MiniLM run is what this code computes for its settings,
-    so re-running the README's commands over a local run store computes nothing new."""
+    """The run key of every committed MiniLM run is what this code computes for its settings and
+    protocol version (the hash and its fields are stable; a protocol bump is the one deliberate
+    change of every key)."""
     import dataclasses
     from pathlib import Path
 
@@ -153,5 +154,8 @@ def test_committed_runs_keep_their_keys(results):
         test_size=cfg.test_size,
         num_layers=cfg.num_layers,
     )
-    keys = [run_key(run_spec(cfg, task, r["method"], r["lr"], r["seed"])) for r in stored["runs"]]
+    keys = [
+        run_key(run_spec(cfg, task, r["method"], r["lr"], r["seed"], r["spec"]["protocol"]))
+        for r in stored["runs"]
+    ]
     assert keys == [r["key"] for r in stored["runs"]] and len(keys) >= 4

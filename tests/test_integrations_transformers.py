@@ -9,7 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import lora_config, make_batches, tiny_base, tiny_peft
+from conftest import (
+    assert_same_snapshot,
+    lora_config,
+    make_batches,
+    model_snapshot,
+    tiny_base,
+    tiny_peft,
+)
 from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
@@ -280,19 +287,31 @@ def test_errors_name_the_fix(tmp_path):
         gradlora.create_optimizer(model, "sgd", lr=1e-3)
 
 
-def test_multi_process_refusal_points_to_a_collective_init_on_every_rank():
-    """Not "init once and load it everywhere" only: the way that hung was init on one rank."""
+def test_deepspeed_zero3_is_refused_naming_fsdp2(tmp_path):
+    """From the Trainer's arguments (a DeepSpeed config or accelerate's plugin) or from
+    parameters ZeRO-3 partitioned; initialize refuses such parameters before any write."""
     model, _ = tiny_peft("llama", r=2)
     callback = gradlora.GradLoraCallback()
-    fake_args = SimpleNamespace(world_size=2, disable_tqdm=True)
-    with pytest.raises(gradlora.GradLoraError) as err:
-        callback.on_train_begin(fake_args, SimpleNamespace(global_step=0), None, model=model)
-    message = str(err.value)
-    assert "single process for now" in message and "world_size=2" in message
-    assert "gradlora.initialize yourself on EVERY rank with that rank's batches" in message
-    assert "gradlora.save_adapter from rank 0" in message
-    assert "in a single process beforehand" in message and "gradlora.load_adapter" in message
+    for zero3 in (
+        SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)),
+        SimpleNamespace(hf_deepspeed_config=SimpleNamespace(is_zero3=lambda: True)),
+    ):
+        with pytest.raises(gradlora.GradLoraError, match="DeepSpeed ZeRO-3.*FSDP2"):
+            callback.on_init_end(zero3, None, None, model=model)
+        with pytest.raises(gradlora.GradLoraError, match="DeepSpeed ZeRO-3.*FSDP2"):
+            callback.on_train_begin(zero3, SimpleNamespace(global_step=0), None, model=model)
     assert callback.report is None
+    zero2 = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2))
+    callback.on_init_end(zero2, None, None, model=model)  # not refused here
+
+    for i, p in enumerate(model.parameters()):  # what deepspeed.zero.Init leaves on each
+        p.ds_id, p.ds_status = i, "NOT_AVAILABLE"
+    before = model_snapshot(model)
+    with pytest.raises(gradlora.GradLoraError, match="partitioned by DeepSpeed ZeRO-3.*FSDP2"):
+        gradlora.initialize(model, make_batches("llama", n=1), progress=False)
+    assert_same_snapshot(before, model_snapshot(model))
+    with pytest.raises(gradlora.GradLoraError, match="DeepSpeed ZeRO-3.*FSDP2"):
+        Trainer(model=model, args=args(tmp_path), callbacks=[gradlora.GradLoraCallback()])
 
 
 def test_unwraps_data_parallel_and_compile_wrappers():

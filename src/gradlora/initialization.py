@@ -87,8 +87,8 @@ def initialize(
 ) -> InitReport:
     """Initialize the active LoRA adapter of ``model`` in place from the gradient on ``batches``.
 
-    method="lora-ga" (options: direction="ArB2r"|"A2rBr"|"ArBr", scale="stable"|"unit",
-    gamma=16, svd="auto"|"exact"|"randomized", svd_niter=4, seed=0): A0, B0 from the top-2r
+    method="lora-ga" (options: direction="ArB2r"|"A2rBr"|"ArBr", scale="stable"|"unit"|"matched",
+    gamma=16, svd="auto"|"exact"|"randomized", svd_niter=8, seed=0): A0, B0 from the top-2r
     singular vectors of G, and the offset s B0 A0 subtracted so the model's outputs are unchanged:
     ``offset="weight"`` rewrites the base weight W' = W - s B0 A0; ``offset="adapter"`` leaves
     every base weight byte-identical and makes the LoRA layer subtract s B0 A0 x itself (one

@@ -16,10 +16,10 @@ from torch import Tensor
 
 from .errors import GradLoraError
 from .precision import math_dtype
-from .spectral import SvdMethod, top_svd
+from .spectral import RANDOMIZED_NITER, SvdMethod, top_svd
 
 Direction = Literal["ArB2r", "A2rBr", "ArBr"]
-Scale = Literal["stable", "unit"]
+Scale = Literal["stable", "unit", "matched"]
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,10 @@ class LoraGA:
     """LoRA-GA (Wang et al., NeurIPS 2024): A0, B0 from the top-2r singular vectors of G."""
 
     direction: Direction = "ArB2r"  # which singular vectors go to A and which to B
-    scale: Scale = "stable"  # "stable": c = m^(1/4) / sqrt(gamma); "unit": c = 1
+    scale: Scale = "stable"  # "stable": c = m^(1/4)/sqrt(gamma); "unit": 1; "matched": see below
     gamma: float = 16.0  # the paper's stable_gamma; larger -> smaller init, smaller offset
-    svd: SvdMethod = "auto"  # "exact", "randomized" (q = 4r, niter power iterations) or "auto"
-    svd_niter: int = 4  # power iterations of the randomized SVD
+    svd: SvdMethod = "auto"  # "exact", "randomized" (q = 4r + 64, niter iterations) or "auto"
+    svd_niter: int = RANDOMIZED_NITER  # power iterations of the randomized SVD
     seed: int = 0  # seed of the randomized SVD's private generator
 
     name = "lora-ga"
@@ -38,20 +38,38 @@ class LoraGA:
 
     def __post_init__(self):
         _check_choice("direction", self.direction, ("ArB2r", "A2rBr", "ArBr"))
-        _check_choice("scale", self.scale, ("stable", "unit"))
+        _check_choice("scale", self.scale, ("stable", "unit", "matched"))
         _check_common(self)
 
     def svd_rank(self, r: int) -> int:
         return 2 * r
 
+    def scale_factor(self, m: int, n: int) -> float:
+        """c for a layer of shape (m, n): "stable" m^(1/4) / sqrt(gamma), "unit" 1, and
+        "matched" sqrt(m / (3 (m + n))), the c at which the first AdamW step moves the effective
+        weight as far (Frobenius norm) as vanilla LoRA's first step at the same rate:
+
+        AdamW's first bias-corrected step is -lr sign(g) entrywise. Vanilla LoRA (B = 0, A from
+        peft's kaiming-uniform, entries U(-1/sqrt(n), 1/sqrt(n)), variance 1/(3n)) moves only B,
+        so dW = s dB A with ||dW||^2 ~ s^2 lr^2 m r n / (3n) = s^2 lr^2 m r / 3. LoRA-GA moves
+        both: dW ~ s (dB A0 + B0 dA) (the lr^2 term dropped), A0 and B0 orthonormal up to c, so
+        ||dB A0|| = c lr sqrt(m r), ||B0 dA|| = c lr sqrt(r n), and the two are orthogonal in
+        expectation: ||dW||^2 ~ s^2 c^2 lr^2 r (m + n). Equal norms: c^2 = m / (3 (m + n)),
+        independent of r, s and gamma; the directions stay those of ``direction``.
+        """
+        if self.scale == "stable":
+            return m**0.25 / math.sqrt(self.gamma)
+        if self.scale == "matched":
+            return math.sqrt(m / (3 * (m + n)))
+        return 1.0
+
     def factors(self, U: Tensor, S: Tensor, V: Tensor, r: int) -> tuple[Tensor, Tensor]:
         """A0 (r, n), B0 (m, r) from the top-2r triplets U (m, 2r), S, V (n, 2r).
 
         ArB2r: A0 = c V[:, :r]^T, B0 = c U[:, r:2r];  A2rBr: A0 = c V[:, r:2r]^T, B0 = c U[:, :r];
-        ArBr: A0 = c V[:, 1:2r:2]^T, B0 = c U[:, 0:2r:2].
+        ArBr: A0 = c V[:, 1:2r:2]^T, B0 = c U[:, 0:2r:2].  c from ``scale_factor``.
         """
-        m = U.shape[0]
-        c = m**0.25 / math.sqrt(self.gamma) if self.scale == "stable" else 1.0
+        c = self.scale_factor(U.shape[0], V.shape[0])
         if self.direction == "ArB2r":
             a_cols, b_cols = slice(0, r), slice(r, 2 * r)
         elif self.direction == "A2rBr":
@@ -67,7 +85,7 @@ class LoraOne:
 
     gamma: float = 128.0  # step normalizer: the model starts at W - s/(gamma sigma_1) [G]_r
     svd: SvdMethod = "auto"  # "exact", "randomized" or "auto"
-    svd_niter: int = 4  # power iterations of the randomized SVD
+    svd_niter: int = RANDOMIZED_NITER  # power iterations of the randomized SVD
     seed: int = 0  # seed of the randomized SVD's private generator
 
     name = "lora-one"

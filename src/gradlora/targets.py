@@ -8,7 +8,8 @@ and the layer adds s B A x with s = alpha / r (alpha / sqrt(r) with rsLoRA).
 LoRA on other layers (peft's lora.Embedding, lora.Conv2d, ...) is refused unless the caller
 passes ``skip_unsupported=True``: then ``find_layers`` returns those layers apart as
 ``SkippedLayer``s (no init, plain AdamW) and logs one WARNING naming them. DoRA, lora_bias,
-merged adapters and non-bitsandbytes quantized weights are errors on every layer, skipped or not.
+merged adapters, non-bitsandbytes quantized weights and weights partitioned by DeepSpeed ZeRO-3
+are errors on every layer, skipped or not.
 """
 
 from __future__ import annotations
@@ -306,6 +307,20 @@ def check_gradient_flows(targets: list[LoraTarget]) -> None:
             )
 
 
+ZERO3_FIX = (
+    "it reads and rewrites each LoRA layer's whole base weight on every rank. Shard with FSDP2 "
+    "instead (TrainingArguments(fsdp=True), whose default is FSDP2, fsdp_config={'version': 2}; "
+    "accelerate config: fsdp_version: 2), or train data-parallel without sharding (DDP: "
+    "torchrun or accelerate launch without DeepSpeed)"
+)
+
+
+def is_zero3_partitioned(param: nn.Parameter) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitioned this parameter: it then carries ``ds_id`` and
+    ``ds_status`` and holds this rank's shard only (an empty tensor outside a gather)."""
+    return hasattr(param, "ds_id") or hasattr(param, "ds_status")
+
+
 def is_offset(targets: list[LoraTarget]) -> bool:
     """Whether a gradlora init offset any of these layers' base weights."""
     return any(t.init_factors() is not None for t in targets)
@@ -326,6 +341,11 @@ def _describe(layer: LoraLayer) -> str:
 
 def _check_layer(module_name: str, layer: LoraLayer, adapter: str) -> bool:
     """True for a supported layer, False for a skippable one; raises for anything else."""
+    if any(is_zero3_partitioned(p) for p in layer.parameters()):
+        raise GradLoraError(
+            f"the weights of {module_name!r} are partitioned by DeepSpeed ZeRO-3 (each rank "
+            f"holds a shard only), which gradlora does not support: {ZERO3_FIX}"
+        )
     base = layer.get_base_layer()
     linear_lora = isinstance(layer, LoraLinear) or (
         _is_bnb(base) and type(layer).__module__ == "peft.tuners.lora.bnb"

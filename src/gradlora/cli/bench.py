@@ -31,10 +31,17 @@ from .report import best_lr, save_results, summarize
 from .tasks import CLASSIFICATION, Task, load_task, read_data
 
 
-def run_spec(cfg: BenchConfig, task: Task, method: str, lr: float, seed: int) -> dict[str, Any]:
+def run_spec(
+    cfg: BenchConfig,
+    task: Task,
+    method: str,
+    lr: float,
+    seed: int,
+    protocol: int = PROTOCOL_VERSION,
+) -> dict[str, Any]:
     """Everything that determines one bench run's result (its key is a hash of this)."""
     spec = cfg.run_spec(task.identity, method, lr, seed)
-    return {"protocol": PROTOCOL_VERSION, **spec, "device": resolve_device(cfg.device).type}
+    return {"protocol": protocol, **spec, "device": resolve_device(cfg.device).type}
 
 
 def run_key(spec: dict[str, Any]) -> str:

@@ -168,6 +168,17 @@ RECIPES: dict[str, Recipe] = {
             init_options=(("gamma", 64),),
         ),
         _m(
+            "lora-ga-matched",
+            "gradlora LoRA-GA init, scale matched to LoRA's first AdamW step, AdamW",
+            "lora-ga",
+            "adamw",
+            1e-3,
+            LORA_GRID,
+            5e-4,
+            LM_GRID,
+            init_options=(("scale", "matched"),),
+        ),
+        _m(
             "lora-one",
             "gradlora LoRA-One init (gamma=128), preconditioned AdamW",
             "lora-one",

@@ -168,7 +168,8 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
         "",
-        f"{results['task']['model']} on {results['task']['data']} ({results['task']['kind']}): "
+        f"{results['task']['model']}{_base(cfg)} on {results['task']['data']} "
+        f"({results['task']['kind']}): "
         f"{cfg['steps']} steps, batch {cfg['batch_size']}, max length {cfg['max_length']}, "
         f"LoRA r={cfg['rank']} alpha={cfg['alpha']:g}, AdamW weight decay {cfg['weight_decay']:g}, "
         f"{cfg['schedule']} schedule with {cfg['warmup_steps']} warmup steps, "
@@ -208,6 +209,11 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines + notes)
 
 
+def _base(cfg: dict[str, Any]) -> str:
+    """ " (nf4 base)" for a quantized run, "" otherwise."""
+    return f" ({cfg['quantize']} base)" if cfg.get("quantize") else ""
+
+
 def _memory_metric(results: dict[str, Any]) -> str:
     metrics = {m.get("memory_metric") for m in results["methods"].values()} - {None}
     if metrics == {"cuda_max_allocated"}:
@@ -237,7 +243,8 @@ def plot_losses(results: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel(f"training loss (trailing mean of {cfg['smooth_window']})")
     task = results["task"]
     ax.set_title(
-        f"{task['model']} on {task['data']}: r={cfg['rank']}, batch {cfg['batch_size']}, "
+        f"{task['model']}{_base(cfg)} on {task['data']}: r={cfg['rank']}, "
+        f"batch {cfg['batch_size']}, "
         f"{cfg['schedule']} lr, best lr per method on validation",
         fontsize=9,
     )

@@ -42,10 +42,15 @@ from .pairing import (
 
 log = logging.getLogger("gradlora")
 MODES = ("efficient", "full")
+# The reference's damping (pinv(Gram + 1e-8 I)). From peft's B = 0 at lr 2e-5, BᵀB's eigenvalues
+# are 1e-7 to 4e-6 after two steps: an absolute 1e-6 dominated them and moved full mode's s B A
+# 34% away from the reference at step 2. The eigen path (eigenvalues clamped at 0, + damping)
+# keeps every inverse finite at any damping > 0, also at B = 0.
+DAMPING = 1e-8
 
 
 def lora_pro_adjust(
-    g_A: Tensor, g_B: Tensor, A: Tensor, B: Tensor, scaling: float, damping: float = 1e-6
+    g_A: Tensor, g_B: Tensor, A: Tensor, B: Tensor, scaling: float, damping: float = DAMPING
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(g_A' (r, n), g_B' (m, r), X (r, r)) for one pair, in fp32 or wider (module doc)."""
     dtype = math_dtype(A)
@@ -62,7 +67,7 @@ def lora_pro_adjust(
 
 
 def equivalent_gradient(
-    g_A: Tensor, g_B: Tensor, A: Tensor, B: Tensor, scaling: float, damping: float = 1e-6
+    g_A: Tensor, g_B: Tensor, A: Tensor, B: Tensor, scaling: float, damping: float = DAMPING
 ) -> Tensor:
     """g̃ (m, n) = s (B g_A' + g_B' A) = P_B g + (I - P_B) g P_A, written with X = 0
     (X cancels in g̃): (1/s) [B (BᵀB)⁻¹ g_A + (I - P_B) g_B (AAᵀ)⁻¹ A]."""
@@ -137,7 +142,7 @@ class LoraProAdamW(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        damping: float = 1e-6,
+        damping: float = DAMPING,
         mode: str = "efficient",
         bias_correction: bool = True,
     ):
@@ -267,7 +272,7 @@ def create_lora_pro_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
-    damping: float = 1e-6,
+    damping: float = DAMPING,
     bias_correction: bool = True,
     skip_unsupported: bool = False,
 ) -> LoraProAdamW:
