@@ -133,7 +133,7 @@ def moment_numel(opt) -> int:
     return sum(local(s["exp_avg"]).numel() for s in opt.state.values() if "exp_avg" in s)
 
 
-def check_refusals(result: dict, mine, out: Path) -> None:
+def check_refusals(result: dict, mine) -> None:
     model = sharded_model()
     try:
         gradlora.initialize(model, mine, num_batches=1, progress=False, offset="weight")
@@ -146,11 +146,6 @@ def check_refusals(result: dict, mine, out: Path) -> None:
     except gradlora.GradLoraError as e:
         result["per_process_error"] = str(e)
     result["untouched_after_refusal"] = all(t.init_factors() is None for t in find_targets(model))
-    try:
-        gradlora.save_adapter(model, out / f"adapter{dist.get_rank()}")
-        result["save_error"] = None
-    except gradlora.GradLoraError as e:
-        result["save_error"] = str(e)
 
 
 def main(out: Path) -> None:
@@ -165,7 +160,7 @@ def main(out: Path) -> None:
     try:
         check_init(result, batches, mine)
         check_steps(result, batches, mine, rank)
-        check_refusals(result, mine, out)
+        check_refusals(result, mine)
         for case in INIT_CASES:
             assert result[f"{case}/num_batches"] == 4, result
             assert result[f"{case}/offset"] in (None, "adapter"), result
@@ -179,7 +174,6 @@ def main(out: Path) -> None:
             assert result[f"{name}/moment_share"] == 0.5, (name, result[f"{name}/moment_share"])
         assert "offset='adapter'" in (result["weight_offset_error"] or ""), result
         assert "not distributed=False" in (result["per_process_error"] or ""), result
-        assert "FSDP2-sharded models" in (result["save_error"] or ""), result
         assert result["untouched_after_refusal"]
     except Exception:
         traceback.print_exc()

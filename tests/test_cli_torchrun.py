@@ -163,3 +163,62 @@ def test_bad_input_fails_on_every_rank_with_one_line(tmp_path):
     # one-line error above is what shows both refused the input
     assert proc.stderr.count("exitcode  : 2") >= 1
     assert "/gradlora/" not in proc.stderr  # no traceback through gradlora's code
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """(2-process --fsdp output folder, 1-process output folder, the torchrun result, args)."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    model, data = tiny_bert(tmp / "tiny"), write_csv(tmp / "reviews.csv")
+    args = ["train", "--model", str(model), "--data", str(data), "--method", "lora-one"]
+    args += ["--steps", "3", "--batch-size", "4", "--max-length", "16", "--init-batches", "2"]
+    args += ["--rank", "1", "--lr", "5e-3", "--num-layers", "1", "--no-progress"]
+    args += ["--device", "cpu"]
+    proc = torchrun([*args, "--fsdp", "--out", str(tmp / "two")])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert main([*args, "--out", str(tmp / "one")]) == 0
+    return tmp / "two", tmp / "one", proc, args
+
+
+def test_fsdp_train_saves_one_adapter_equal_to_one_process(fsdp_runs):
+    """``gradlora train --fsdp`` on 2 processes (BERT layer, embeddings and root sharded with
+    FSDP2; collective LoRA-One init and preconditioned steps on DTensors) writes one adapter,
+    from rank 0, whose logits on the original base via plain peft equal the 1-process run's.
+    Tolerance: both runs see the same global batches, and FSDP2 averages the two half-batch
+    gradients as the one process computes the whole batch's mean (classification: the same
+    mean loss), so only float summation order differs, ~1e-7 relative per op in fp32 over 3
+    steps; 1e-4 relative (as the DDP test's adapter) leaves room for that and nothing more
+    (one step at lr 5e-3 moves the logits by far more, checked below)."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    two, one, proc, args = fsdp_runs
+    assert proc.stdout.count("saved ") == 1 and proc.stdout.count("lora-one init of") == 1
+    assert "2 examples each per step, model sharded with FSDP2" in proc.stdout
+    record = json.loads((two / "train.json").read_text())
+    assert record["processes"] == 2 and record["fsdp"] is True and len(record["losses"]) == 3
+    losses = [json.loads((d / "train.json").read_text())["losses"] for d in (two, one)]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=0)
+    assert not list(two.glob("adapter/.gradlora-tmp-*"))
+    ids = torch.tensor([[101, 2000, 2001, 102], [101, 2003, 2004, 102]])
+    logits = {}
+    for name, folder in (("two", two), ("one", one)):
+        base = AutoModelForSequenceClassification.from_pretrained(args[args.index("--model") + 1])
+        model = PeftModel.from_pretrained(base, str(folder / "adapter")).eval()
+        with torch.no_grad():
+            logits[name] = model(input_ids=ids).logits
+            with model.disable_adapter():
+                logits["base"] = model(input_ids=ids).logits
+    diff = (logits["two"] - logits["one"]).norm() / logits["one"].norm()
+    assert diff < 1e-4, diff.item()
+    assert (logits["one"] - logits["base"]).norm() / logits["one"].norm() > 1e-2  # it trained
+
+
+def test_fsdp_refuses_one_process_and_checkpoints_with_one_line(tmp_path, capsys):
+    data = write_csv(tmp_path / "reviews.csv")
+    base = ["train", "--data", str(data), "--device", "cpu", "--out", str(tmp_path / "o")]
+    assert main([*base, "--fsdp"]) == 2
+    assert "--fsdp shards the model over torchrun's processes" in capsys.readouterr().err
+    assert main([*base, "--fsdp", "--save-every", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--fsdp does not checkpoint yet" in err and err.count("\n") == 1

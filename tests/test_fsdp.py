@@ -52,8 +52,46 @@ def test_fsdp2_weight_offset_and_per_process_init_are_refused_with_the_fix(ranks
     error = ranks[0]["weight_offset_error"]
     assert "FSDP-sharded base weight" in error and "offset='adapter'" in error
     assert "is a collective" in ranks[1]["per_process_error"]  # distributed=False
-    assert "save_adapter does not support FSDP2" in ranks[0]["save_error"]
     assert ranks[0]["untouched_after_refusal"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Run _fsdp_save_worker.py on 2 ranks once (it asserts too); {rank: results}."""
+    return torchrun("_fsdp_save_worker.py", tmp_path_factory.mktemp("fsdp_save"), timeout=180)
+
+
+def test_fsdp2_save_adapter_is_a_collective_with_one_writer(saved):
+    """save_adapter from both ranks (each to its own folder) writes rank 0's only, and every
+    rank returns its path; the installed save_pretrained writes where is_main_process is set."""
+    for r in (0, 1):
+        assert saved[r]["returned"].endswith(f"adapter{r}")
+        assert saved[r]["written"] == ["adapter0", "pretrained1"]
+    assert saved[0]["files"] == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "gradlora.json",
+    ]
+
+
+def test_fsdp2_saved_adapter_loads_with_plain_peft_on_the_original_base(saved):
+    """After an FSDP2 LoRA-GA init and a step, the rank-2r adapter on the unsharded original
+    base (plain peft, the installed save_pretrained's copy, gradlora.load_adapter) computes the
+    sharded model's logits (relative 1e-4); the step moved them."""
+    res = saved[0]
+    assert res["sidecar"]["converted"] and res["sidecar"]["rank_factor"] == 2
+    assert res["config_r"] == 8 and len(res["sidecar"]["base"]) == 14
+    for key in ("logits", "pretrained_logits", "gradlora_load_logits"):
+        assert res[key] < 1e-4, (key, res[key])
+    assert res["moved"] > 1e-2
+
+
+def test_fsdp2_base_signature_is_taken_shard_wise_without_gathering(saved):
+    """A vanilla sharded model's sidecar signatures (per-shard sums, one all-reduce) equal the
+    unsharded weights' to rounding."""
+    res = saved[0]
+    assert res["vanilla_converted"] is False
+    assert res["signature_diff"] < 1e-12 and res["signature_norm"] < 1e-12
 
 
 class FullyShardedDataParallel(torch.nn.Module):  # stands in for FSDP1 (same class name)

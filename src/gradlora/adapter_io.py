@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .atomic import write_files
+from .collective_save import any_sharded, whole, write_once
 from .errors import GradLoraError
 from .flags import ModuleFlags
 from .signature import MAX_RELATIVE_DIFFERENCE, relative_difference, weight_signature
@@ -86,14 +87,18 @@ def _keys_in(
     return key_a, key_b
 
 
-def save_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
+def save_adapter(
+    model: PeftModel, path: str | os.PathLike, *, is_main_process: bool | None = None
+) -> Path:
     """Save the active adapter so that plain peft loads it on the ORIGINAL base model.
 
     If the init offset the base weights (LoRA-GA), each layer is written as a rank-2r LoRA
     A' = [A; A0] (2r, n), B' = [B, -B0] (m, 2r) with alpha' = 2 alpha (sqrt(2) alpha with
     rsLoRA), so s' B' A' = s (B A - B0 A0). Otherwise (LoRA-One, vanilla) the adapter is written
     as it is. Files are written to a temporary folder and moved into ``path`` when complete.
-    Returns the folder.
+    Returns the folder. On an FSDP2-sharded model this is a collective: every rank calls it,
+    the weights are gathered, the rank with ``is_main_process`` (None: rank 0) writes, and all
+    return after it (``collective_save``); on one process ``is_main_process`` is ignored.
     """
     model = unwrap(model)
     if not isinstance(model, PeftModel):
@@ -101,13 +106,6 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
             "save_adapter needs a peft.PeftModel (it writes the adapter's LoraConfig)"
         )
     targets, skipped = scan_layers(model)
-    sharded = [t.name for t in targets if t.sharded]
-    if sharded:
-        raise GradLoraError(
-            f"save_adapter does not support FSDP2-sharded models yet ({sharded[0]!r} has DTensor "
-            "weights, which every rank would have to gather); checkpoint the run with "
-            "torch.distributed.checkpoint to resume it"
-        )
     adapter = active_adapter(model)
     stored = [t.init_factors() for t in targets]
     converted = is_offset(targets)
@@ -117,13 +115,15 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
             f"layers {bad} disagree with the others on whether the base weight was offset"
         )
     state = get_peft_model_state_dict(model, adapter_name=adapter)
+    sharded = any_sharded(state) or any(t.sharded for t in targets)
+    state = whole(state)  # FSDP2: an all-gather per tensor, on every rank
     config = model.peft_config[adapter]
     if converted:
         config = _resize_config(config, 2, _alpha_factor(config))
         for t, (A0, B0) in zip(targets, stored, strict=True):
             key_a, key_b = _keys_in(state, t)
-            state[key_a] = torch.cat([t.A.detach(), A0.to(t.A)], dim=0)
-            state[key_b] = torch.cat([t.B.detach(), -B0.to(t.B)], dim=1)
+            state[key_a] = torch.cat([state[key_a], A0.to(state[key_a])], dim=0)
+            state[key_b] = torch.cat([state[key_b], -B0.to(state[key_b])], dim=1)
         for layer in skipped:  # skip_unsupported: never offset; zero-padded to rank 2r, s' = s
             key_a, key_b = _keys_in(state, layer)
             state[key_a] = torch.cat([state[key_a], torch.zeros_like(state[key_a])], dim=0)
@@ -136,7 +136,8 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
         "format": 1,
         "converted": converted,
         "rank_factor": 2 if converted else 1,
-        # the weights the adapter is relative to: the originals (before any offset)
+        # the weights the adapter is relative to: the originals (before any offset); a sharded
+        # weight's signature is a collective (signature.py), taken on every rank
         "base": {
             t.name: t.original_signature() or weight_signature(t.weight_mn(), t.name)
             for t in targets
@@ -148,7 +149,8 @@ def save_adapter(model: PeftModel, path: str | os.PathLike) -> Path:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
 
-    return write_files(path, write, [WEIGHTS, "adapter_config.json", SIDECAR])
+    names = [WEIGHTS, "adapter_config.json", SIDECAR]
+    return write_once(path, lambda: write_files(path, write, names), sharded, is_main_process)
 
 
 def split_converted(

@@ -4,6 +4,8 @@ peft's ``save_pretrained`` (which ``Trainer.save_model`` and every checkpoint ca
 the rank-r adapter relative to the offset base; ``install_portable_save`` makes that one
 instance write ``adapter_io.save_adapter``'s portable rank-2r form once its base is offset, and
 its ``load_adapter`` (``resume_from_checkpoint``, ``load_best_model_at_end``) read it back.
+On an FSDP2-sharded model ``save_pretrained`` is always ``save_adapter``'s collective (peft's
+own would write DTensor shards): every rank must call it, ``is_main_process`` picks the writer.
 ``initialize`` installs it after a LoRA-GA init, and ``GradLoraCallback`` before a resume.
 """
 
@@ -22,15 +24,18 @@ from .targets import active_adapter, is_offset, scan_layers
 def _save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
     """PeftModel.save_pretrained, writing the portable rank-2r form once the base is offset."""
     targets = scan_layers(self)[0]
-    if not is_offset(targets):
+    sharded = any(t.sharded for t in targets)
+    if not is_offset(targets) and not sharded:
         return type(self).save_pretrained(self, save_directory, *args, **kwargs)
     selected = kwargs.get("selected_adapters")
     if selected is not None and list(selected) != [targets[0].adapter]:
         raise GradLoraError(
-            f"selected_adapters={selected}: a LoRA-GA model saves its active adapter only "
-            "(gradlora.save_adapter); save other adapters from a model without the offset"
+            f"selected_adapters={selected}: a LoRA-GA or FSDP2-sharded model saves its active "
+            "adapter only (gradlora.save_adapter); save other adapters from a model without the offset"
         )
-    if kwargs.get("is_main_process", True):
+    if sharded:  # FSDP2: a collective; every rank gathers, the main process writes
+        save_adapter(self, save_directory, is_main_process=kwargs.get("is_main_process"))
+    elif kwargs.get("is_main_process", True):
         save_adapter(self, save_directory)
     return None
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import counter_term, inits
 from .errors import GradLoraError
-from .sharding import full, local, local_part
+from .sharding import local, local_part
 from .signature import weight_signature
 from .targets import BASE_SIGNATURE, WEIGHT0, LoraTarget
 
@@ -77,13 +77,12 @@ def write_factors(
                 f"init factors for {t.name!r} have shapes {tuple(A0.shape)}, {tuple(B0.shape)}; "
                 f"the adapter needs {tuple(t.A.shape)}, {tuple(t.B.shape)}"
             )
-    signatures = {}  # of sharded bases, gathered one layer at a time before anything is written
+    signatures = {}  # of sharded bases, shard-wise (signature.py), before anything is written
     if offset_base:
         with torch.no_grad():
             for t in (t for t in targets if t.sharded):
-                W = full(t.weight)  # a collective: every rank writes the same targets in order
-                signatures[t.name] = weight_signature(W.T if t.transposed else W, t.name)
-                del W
+                # a collective: every rank writes the same targets in order
+                signatures[t.name] = weight_signature(t.weight_mn(), t.name)
     undo: list[tuple[LoraTarget, Tensor, Tensor, Tensor | None]] = []
     try:
         with torch.no_grad():

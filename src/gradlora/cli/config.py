@@ -141,11 +141,22 @@ class TrainConfig(RunConfig):
     save_every: int = 0  # checkpoint every N steps (0: never)
     resume: bool = False  # continue from OUT/checkpoint.pt if it exists
     out: str = "runs/train"  # output folder
+    fsdp: bool = False  # under torchrun: shard the model with FSDP2 instead of DDP
 
     def validate(self) -> None:
         super().validate()
         _positive("--lr", self.lr)
         _at_least("--save-every", self.save_every, 0, "(0: never)")
+        if self.fsdp and (self.save_every or self.resume):
+            raise GradLoraError(
+                "--fsdp does not checkpoint yet: drop --save-every and --resume (the final "
+                "adapter is saved), or train data-parallel without --fsdp to checkpoint"
+            )
+        if self.fsdp and self.quantize is not None:
+            raise GradLoraError(
+                "--fsdp with --quantize: FSDP2 does not shard bitsandbytes' packed weights; "
+                "drop one of them"
+            )
 
 
 def _at_least(flag: str, value: int | None, low: int, note: str = "") -> None:

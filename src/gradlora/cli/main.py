@@ -44,6 +44,8 @@ examples:
   gradlora train ... --save-every 50 --out runs/long --resume
   torchrun --nproc_per_node 4 -m gradlora.cli train ... --batch-size 32 --out runs/ddp
       # data-parallel: 8 of each batch of 32 per process (GPU: NCCL, one per process; CPU: gloo)
+  torchrun --nproc_per_node 4 -m gradlora.cli train ... --batch-size 32 --fsdp --out runs/fsdp
+      # the same, with the model sharded by FSDP2 (each process holds 1/4 of every weight)
 
 Data files: CSV, TSV, JSONL or JSON (a list of objects). With a label column (default "label")
 the task is classification; labels may be integers (class ids) or any strings ("pos"/"neg"),
@@ -252,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists"
     )
     t.add_argument("--out", required=True, help="output folder")
+    t.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model with FSDP2 (each layer, then the root) instead of "
+        "replicating it with DDP; no checkpoints (--save-every, --resume) yet",
+    )
 
     sub.add_parser("methods", help="list the methods with their learning rates and grids")
     return parser
@@ -321,6 +329,7 @@ def _train(args) -> int:
         save_every=args.save_every,
         resume=args.resume,
         out=args.out,
+        fsdp=args.fsdp,
     )
     cfg.validate()  # before any data, model or gradient is touched
     return main_train(cfg)

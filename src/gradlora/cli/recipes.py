@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,12 +267,15 @@ def build(
     device: str | torch.device = "cpu",
     progress: bool = False,
     quantize: str | None = None,
+    shard: Callable[[nn.Module], Any] | None = None,
 ) -> Built:
     """A fresh model of ``task`` prepared for ``method`` and its optimizer.
 
     The head (classification) is drawn from ``seed`` and LoRA's random A from ``seed + 1``, so
     every method of one seed starts from the same pretrained weights and head. Gradient inits
     use the first ``init_batches`` of ``train_batches``: the batches training starts with.
+    ``shard`` (``gradlora train --fsdp``) is applied to the PeftModel before the init and the
+    optimizer.
     """
     method = get_recipe(method) if isinstance(method, str) else method
     if quantize is not None and method.init not in (None, "lora-ga", "lora-one"):
@@ -300,6 +303,8 @@ def build(
             preprocess_loraga(model, config, train_step)
     torch.manual_seed(seed + 1)
     model = get_peft_model(model, config)
+    if shard is not None:
+        shard(model)
     if method.init in ("lora-ga", "lora-one"):
         report = initialize(
             model,

@@ -12,6 +12,11 @@ progress bars, evaluates and writes the checkpoint (with every rank's RNG state)
 outputs; the others wait for it at a barrier before leaving the process group. ``--resume``
 makes every process load the same checkpoint, which must have been written by as many
 processes.
+
+With ``--fsdp`` (torchrun only) the model is sharded with FSDP2 instead (gradlora.cli.fsdp)
+after peft wraps it, before the gradient init and the optimizer; every process then evaluates
+(forwards are collectives) and takes part in ``save_adapter``, which gathers the adapter and
+lets rank 0 write it. No checkpoints under --fsdp yet (refused by TrainConfig.validate).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from ..adapter_io import save_adapter
 from ..atomic import atomic_write, write_json
 from ..distributed import synchronize
 from ..errors import GradLoraError
-from . import loop
+from . import fsdp, loop
 from .config import TrainConfig, digest, eval_batch_size, resolve_device
 from .recipes import build, get_recipe
 from .tasks import load_task, read_data
@@ -110,6 +115,11 @@ def main_train(cfg: TrainConfig) -> int:
     """``gradlora train``: one process, or one of torchrun's (then the group is left at the end)."""
     cfg.validate()
     ranks = start(cfg.device)
+    if cfg.fsdp and not ranks.active:
+        raise GradLoraError(
+            "--fsdp shards the model over torchrun's processes: launch with torchrun "
+            "--nproc_per_node N (N >= 2), or drop --fsdp to train in one process"
+        )
     try:
         return _main_train(cfg, ranks)
     finally:
@@ -137,6 +147,12 @@ def _main_train(cfg: TrainConfig, ranks: Ranks) -> int:
             "peft-lora-ga (peft's preprocess_loraga) estimates the gradient in each process "
             "alone; under torchrun use lora-ga (gradlora's init, averaged over all processes)"
         )
+    if cfg.fsdp and (method.full or method.init not in (None, "lora-ga", "lora-one")):
+        raise GradLoraError(
+            f"--fsdp with method {method.name}: FSDP2 sharding supports the LoRA methods with "
+            "gradlora's inits or none (lora, lora-ga, lora-one, lora-pro, ...); train "
+            f"{method.name} without --fsdp"
+        )
     config = cfg.run_spec(task.identity, method.name, lr, cfg.seed)
     key = digest(config, 16)
     out = Path(cfg.out)
@@ -159,6 +175,7 @@ def _main_train(cfg: TrainConfig, ranks: Ranks) -> int:
         say(
             f"data-parallel: {ranks.world} processes ({torch.distributed.get_backend()}), "
             f"{cfg.batch_size // ranks.world} examples each per step"
+            + (", model sharded with FSDP2" if cfg.fsdp else "")
         )
     built = build(
         method,
@@ -173,6 +190,7 @@ def _main_train(cfg: TrainConfig, ranks: Ranks) -> int:
         device=device,
         progress=progress,
         quantize=cfg.quantize,
+        shard=(lambda m: fsdp.shard(m, device)) if cfg.fsdp else None,
     )
     model, opt = built.model, built.optimizer
     if built.init_summary:
@@ -195,7 +213,8 @@ def _main_train(cfg: TrainConfig, ranks: Ranks) -> int:
         start_step, losses = load_checkpoint(ckpt, key, model, opt, sched, ranks.rank, ranks.world)
         say(f"resuming from {ckpt} at step {start_step}")
     ranks.same(start_step, "the step to resume from")
-    net = ranks.wrap(model)  # DistributedDataParallel under torchrun; the model itself alone
+    # DistributedDataParallel under torchrun; the model itself alone or sharded with FSDP2
+    net = model if cfg.fsdp else ranks.wrap(model)
 
     # the whole state when the init rewrote base weights; a quantized base is never rewritten
     rewrites = method.offsets_base and cfg.quantize is None
@@ -224,15 +243,16 @@ def _main_train(cfg: TrainConfig, ranks: Ranks) -> int:
         raise GradLoraError(
             f"the loss became NaN/inf at step {result.diverged_at + 1}; lower --lr (was {lr:g})"
         )
-    differing = _differing(model, ranks)
-    if ranks.main:
-        _finish(cfg, task, method, model, built, config, result, out, differing, ranks.world)
+    differing = [] if cfg.fsdp else _differing(model, ranks)  # FSDP2: no replicas to compare
+    if ranks.main or cfg.fsdp:  # FSDP2: evaluating and saving are collectives
+        _finish(cfg, task, method, model, built, config, result, out, differing, ranks)
     ranks.barrier()  # no process leaves before rank 0 has saved
     return 0
 
 
-def _finish(cfg, task, method, model, built, config, result, out, differing, world) -> None:
-    """Evaluate, save the adapter (or model), the tokenizer and train.json; print the summary."""
+def _finish(cfg, task, method, model, built, config, result, out, differing, ranks) -> None:
+    """Evaluate, save the adapter (or model), the tokenizer and train.json; print the summary.
+    Rank 0 alone, or every rank under --fsdp (then rank 0 alone writes and prints)."""
     initial = out / INITIAL_ADAPTER
     eval_bs = eval_batch_size(task.kind, cfg.batch_size)
     metrics = {
@@ -247,7 +267,10 @@ def _finish(cfg, task, method, model, built, config, result, out, differing, wor
         where = out / "adapter"
         model.save_pretrained(str(where), path_initial_model_for_weight_conversion=str(initial))
     else:
-        where = save_adapter(model, out / "adapter")
+        where = save_adapter(model, out / "adapter")  # a collective under --fsdp
+    if not ranks.main:
+        return
+    world = ranks.world
     task.tokenizer.save_pretrained(str(where))
     record = {
         "config": config | {"model": task.model, "data": task.data, "model_path": task.model_path},
@@ -262,7 +285,7 @@ def _finish(cfg, task, method, model, built, config, result, out, differing, wor
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if world > 1:
-        record |= {"processes": world, "ranks_differed": differing}
+        record |= {"processes": world, "ranks_differed": differing, "fsdp": cfg.fsdp}
         if differing:
             print(
                 f"warning: {len(differing)} weights differed across processes (e.g. "
