@@ -22,6 +22,7 @@ from __future__ import annotations
 import types
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .targets import WEIGHT0, LoraTarget
@@ -50,11 +51,17 @@ def _offsets(layer: nn.Module, mode: str, active_only: bool) -> list[str]:
     ]
 
 
-def _term(layer: nn.Module, adapter: str, x: Tensor) -> Tensor:
-    """s B0 A0 x for ``adapter`` (in the factors' dtype)."""
+def _add_term(layer: nn.Module, adapter: str, x: Tensor, output: Tensor, sign: float) -> Tensor:
+    """output + sign s B0 A0 x, with the rank-r product fused into one ``addmm`` where the
+    dtypes agree (a new tensor: the output may be saved for backward)."""
     A0 = getattr(layer.lora_A[adapter], WEIGHT0)
     B0 = getattr(layer.lora_B[adapter], WEIGHT0)
-    return layer.scaling[adapter] * ((x.to(A0.dtype) @ A0.T) @ B0.T)
+    alpha = sign * layer.scaling[adapter]
+    xA = x.reshape(-1, x.shape[-1]).to(A0.dtype) @ A0.T  # (tokens, r)
+    if output.dtype == B0.dtype:
+        out = torch.addmm(output.reshape(-1, output.shape[-1]), xA, B0.T, alpha=alpha)
+        return out.view(output.shape)
+    return output + (alpha * (xA @ B0.T)).to(output.dtype).view(output.shape)
 
 
 def _apply_offsets(layer: nn.Module, args: tuple, output: Any) -> Any:
@@ -66,10 +73,10 @@ def _apply_offsets(layer: nn.Module, args: tuple, output: Any) -> Any:
     x = args[0]
     if layer.disable_adapters:
         for adapter in _offsets(layer, "weight", active_only=False):
-            output = output + _term(layer, adapter, x).to(output.dtype)
+            output = _add_term(layer, adapter, x, output, 1.0)
     elif not layer.merged:
         for adapter in _offsets(layer, "adapter", active_only=True):
-            output = output - _term(layer, adapter, x).to(output.dtype)
+            output = _add_term(layer, adapter, x, output, -1.0)
     return output
 
 
