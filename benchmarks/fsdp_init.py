@@ -37,31 +37,20 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _wide_llama import TARGETS, random_batches, wide_llama  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 CASES = ("init_auto", "init_exact", "init_sketch", "step")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BATCHES, BATCH, SEQ = 8, 2, 64
 
 
 def build():
     """The FSDP2-sharded wide Llama PeftModel and this rank's batches."""
-    import torch
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
     from torch.distributed.fsdp import fully_shard
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=2048,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=4,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        max_position_embeddings=512,
-    )
-    base = LlamaForCausalLM(cfg)
+    base = wide_llama(4)
     config = LoraConfig(
         task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS
     )
@@ -69,11 +58,7 @@ def build():
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
     fully_shard(model)
-    gen = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(BATCHES):
-        ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=gen)
-        batches.append({"input_ids": ids, "labels": ids.clone()})
+    batches = random_batches(BATCHES, BATCH, SEQ)
     rank, world = dist.get_rank(), dist.get_world_size()
     share = BATCHES // world
     return model, batches[rank * share : (rank + 1) * share]

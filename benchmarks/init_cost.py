@@ -46,15 +46,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from _wide_llama import TARGETS, random_batches, wide_llama  # noqa: E402
+
 CASES = ["lora_passes", "lora_step", "gradlora_exact", "gradlora_sketch", "peft_loraga"]
 EXTRA_CASES = ["full_passes", "gradlora_one", "gradlora_sketch_adapter"]
 RESULTS = Path(__file__).parent / "results"
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build(model_name: str, args, device):
     """(base model, LoraConfig factory, batches) on ``device``; same weights and data every call."""
-    import torch
     from peft import LoraConfig
 
     from gradlora.capture import move_to
@@ -82,34 +82,16 @@ def build(model_name: str, args, device):
         )
 
         def config(**overrides):
-            kw = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LLAMA_TARGETS)
+            kw = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
             return LoraConfig(task_type="CAUSAL_LM", **(kw | overrides))
 
         return model, config, [move_to(b, device) for b in batches]
     else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        cfg = LlamaConfig(
-            vocab_size=2048,
-            hidden_size=1024,
-            intermediate_size=2816,
-            num_hidden_layers=args.llama_layers,
-            num_attention_heads=16,
-            num_key_value_heads=16,
-            max_position_embeddings=max(512, args.llama_seq),
-        )
-        model = LlamaForCausalLM(cfg)
-        gen = torch.Generator().manual_seed(1)
-        batches = []
-        for _ in range(args.batches):
-            ids = torch.randint(
-                0, cfg.vocab_size, (args.llama_batch, args.llama_seq), generator=gen
-            )
-            batches.append({"input_ids": ids, "labels": ids.clone()})
+        model = wide_llama(args.llama_layers, max_positions=max(512, args.llama_seq))
+        batches = random_batches(args.batches, args.llama_batch, args.llama_seq)
 
         def config(**overrides):
-            kw = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LLAMA_TARGETS)
+            kw = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
             return LoraConfig(task_type="CAUSAL_LM", **(kw | overrides))
 
     return model.to(device), config, [move_to(b, device) for b in batches]

@@ -23,29 +23,17 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _wide_llama import TARGETS, random_batches, wide_llama  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import gradlora  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build(args, mode: str, batches):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=2048,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=args.layers,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(1)
     model = get_peft_model(
-        LlamaForCausalLM(cfg),
+        wide_llama(args.layers, seed=1),
         LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS),
     )
     gradlora.initialize(model, batches[:2], num_batches=2, offset=mode, progress=False)
@@ -66,11 +54,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--out", default=str(RESULTS / "offset_cost.json"))
     args = parser.parse_args()
-    gen = torch.Generator().manual_seed(2)
-    batches = []
-    for _ in range(2):
-        ids = torch.randint(0, 2048, (args.batch, args.seq), generator=gen)
-        batches.append({"input_ids": ids, "labels": ids.clone()})
+    batches = random_batches(2, args.batch, args.seq, seed=2)
     models = {mode: build(args, mode, batches) for mode in ("weight", "adapter")}
     batch = batches[0]
 
