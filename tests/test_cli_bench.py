@@ -159,3 +159,31 @@ def test_committed_runs_keep_their_keys(results):
         for r in stored["runs"]
     ]
     assert keys == [r["key"] for r in stored["runs"]] and len(keys) >= 4
+
+
+def test_budget_evaluations_leave_training_unchanged(tmp_path, monkeypatch):
+    """Validation and test are measured at 25% and 50% of the steps without changing the run
+    (MiniLM trains with dropout: an evaluation that drew random numbers would show here)."""
+    cfg = small(tmp_path, methods=["lora"], steps=8, lrs={"lora": [1e-3]})
+    with_budgets = Bench(cfg, tmp_path / "a", log=lambda s: None).get_or_run("lora", 1e-3, 0)
+    assert sorted(with_budgets["budgets"], key=int) == ["2", "4"]
+    for point in with_budgets["budgets"].values():
+        assert point["val"]["loss"] > 0 and 0 <= point["test"]["accuracy"] <= 1
+    assert with_budgets["budgets"]["2"]["val"] != with_budgets["val"]  # measured, not copied
+    monkeypatch.setattr(Bench, "budget_steps", property(lambda self: []))
+    plain = Bench(cfg, tmp_path / "b", log=lambda s: None).get_or_run("lora", 1e-3, 0)
+    assert plain["budgets"] == {} and plain["losses"] == with_budgets["losses"]
+    assert plain["val"] == with_budgets["val"]
+
+
+def test_report_has_budgets_and_lr_curves(tmp_path):
+    cfg = small(tmp_path, methods=["lora"], steps=4, lrs={"lora": [1e-3, 3e-3]}, seeds=[0, 1])
+    results = Bench(cfg, tmp_path, log=lambda s: None).run()
+    lora = results["methods"]["lora"]
+    assert results["test_metric"] == "accuracy"
+    assert [p["lr"] for p in lora["lr_points"]] == [1e-3, 3e-3]
+    assert sorted(lora["at_budgets"], key=int) == ["1", "2", "4"]
+    assert lora["at_budgets"]["4"]["val_loss"]["n"] == 2  # both seeds at the best rate
+    table = (tmp_path / "table.md").read_text()
+    assert "At smaller step budgets" in table and "test accuracy @2" in table
+    assert (tmp_path / "lr_curves.png").stat().st_size > 5000

@@ -30,6 +30,8 @@ from .recipes import RECIPES, build, get_recipe
 from .report import best_lr, save_results, summarize
 from .tasks import CLASSIFICATION, Task, load_task, read_data
 
+BUDGET_FRACTIONS = (0.25, 0.5)  # of the steps: where a run is also evaluated (step budgets)
+
 
 def run_spec(
     cfg: BenchConfig,
@@ -93,6 +95,29 @@ class Bench:
         self.failed: list[dict[str, Any]] = []  # runs that raised (not stored: retried next time)
         self.computed = 0  # runs computed by this process (the rest came from the store)
 
+    @property
+    def budget_steps(self) -> list[int]:
+        """Steps (25% and 50% of the run) after which validation and test are also measured,
+        for the comparison at smaller step budgets; the full run's are measured at its end.
+        Not on a quantized base: bitsandbytes' CPU layers change layout on an eval pass."""
+        if self.cfg.quantize is not None:
+            return []
+        return sorted(
+            {max(1, round(f * self.cfg.steps)) for f in BUDGET_FRACTIONS} - {self.cfg.steps}
+        )
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
+        """Validation and test loss (accuracy for classifiers); the test split's exact match of
+        greedy generations for a task with answers (``arithmetic``)."""
+        out = {"val": loop.evaluate(model, self.val_batches)}
+        out["test"] = loop.evaluate(model, self.test_batches)
+        test = self.task.splits["test"]
+        if test.answers is not None:
+            out["test"]["exact_match"] = loop.exact_match(
+                model, self.task.tokenizer, test.texts, test.answers, self.task.final_answer
+            )
+        return out
+
     def train_batches(self, seed: int) -> list:
         if seed not in self._train_batches:
             self._train_batches[seed] = self.task.batches(
@@ -153,6 +178,16 @@ class Bench:
                 quantize=cfg.quantize,
             )
             sched = loop.make_scheduler(built.optimizer, cfg.schedule, cfg.steps, cfg.warmup)
+            budgets: dict[str, Any] = {}  # step -> val and test metrics part way
+            eval_seconds = 0.0
+
+            def at_budget(step: int, _result, model=built.model) -> None:
+                nonlocal eval_seconds
+                if step in self.budget_steps:
+                    start = time.perf_counter()
+                    budgets[str(step)] = self.evaluate(model)
+                    eval_seconds += time.perf_counter() - start
+
             torch.manual_seed(seed + 2)  # identical dropout draws for every method
             result = loop.train(
                 built.model,
@@ -161,14 +196,16 @@ class Bench:
                 sched,
                 progress=cfg.progress,
                 desc=f"{method} lr={lr:g} seed={seed}",
+                on_step=at_budget,
             )
+            train_seconds = result.seconds - eval_seconds
         start = time.perf_counter()
         diverged = result.diverged_at is not None
-        val = {} if diverged else loop.evaluate(built.model, self.val_batches)
-        test = {} if diverged else loop.evaluate(built.model, self.test_batches)
-        eval_seconds = time.perf_counter() - start
+        final = {"val": {}, "test": {}} if diverged else self.evaluate(built.model)
+        val, test = final["val"], final["test"]
+        eval_seconds += time.perf_counter() - start
         init_seconds, init_summary = built.init_seconds, built.init_summary
-        del built
+        del built, at_budget
         return {
             "key": run_key(spec),
             "spec": spec,
@@ -176,13 +213,14 @@ class Bench:
             "lr": lr,
             "seed": seed,
             "losses": result.losses,
+            "budgets": budgets,
             "diverged_at": result.diverged_at,
             "val": val,
             "test": test,
             "init_seconds": init_seconds,
             "init": init_summary,
             "build_seconds": max(cost.seconds - result.seconds, 0.0),
-            "train_seconds": result.seconds,
+            "train_seconds": train_seconds,
             "eval_seconds": eval_seconds,
             "peak_bytes": cost.peak_bytes,
             "memory_metric": cost.metric,

@@ -183,6 +183,9 @@ def load_minilm_lora(
 class TextData:
     texts: list[str]
     labels: list[int] | None = None  # class ids; None for causal language modelling
+    # causal LM with answers: ``texts`` are prompts, trained on prompt + answer with the loss on
+    # the answer tokens only, and scored by generating from the prompt (loop.exact_match)
+    answers: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -223,7 +226,10 @@ def make_batches(
     """Tokenized batches (dicts with input_ids, attention_mask, labels), drawn in a seeded order
     that repeats the data in new permutations if more batches are asked for than one pass holds.
 
-    With ``data.labels`` None the labels are the input ids (causal LM; padding is -100)."""
+    With ``data.labels`` None the labels are the input ids (causal LM; padding is -100); with
+    ``data.answers`` each example is prompt + answer + EOS and only the answer and EOS tokens
+    are labelled. An answer that ``max_length`` would cut is refused (it would train on a
+    wrong target)."""
     if len(data) == 0:
         raise GradLoraError("the data set is empty")
     order: list[int] = []
@@ -238,6 +244,9 @@ def make_batches(
     batches = []
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
+        if data.answers is not None:
+            batches.append(_answer_batch(tokenizer, data, chunk, max_length))
+            continue
         enc = tokenizer(
             [data.texts[i] for i in chunk],
             padding=True,
@@ -251,3 +260,26 @@ def make_batches(
             enc["labels"] = torch.tensor([data.labels[i] for i in chunk])
         batches.append(dict(enc))
     return batches
+
+
+def _answer_batch(tokenizer, data: TextData, chunk: list[int], max_length: int) -> dict:
+    """Right-padded prompt + answer + EOS, labels -100 on the prompt and the padding."""
+    rows, labels = [], []
+    for i in chunk:
+        prompt = tokenizer(data.texts[i], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(data.answers[i], add_special_tokens=False)["input_ids"]
+        ids = prompt + answer + [tokenizer.eos_token_id]
+        if len(ids) > max_length:
+            raise GradLoraError(
+                f"an example has {len(ids)} tokens (prompt + answer + EOS) but --max-length is "
+                f"{max_length}: its answer would be cut; raise --max-length to {len(ids)} or more"
+            )
+        rows.append(ids)
+        labels.append([-100] * len(prompt) + ids[len(prompt) :])
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+        "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels]),
+    }

@@ -121,6 +121,49 @@ def evaluate(model: nn.Module, batches: Sequence[dict[str, Any]]) -> dict[str, f
     return metrics
 
 
+@torch.no_grad()
+def exact_match(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    final: Callable[[str], int | None],
+    batch_size: int = 32,
+    max_new_tokens: int = 40,
+) -> float:
+    """Share of ``prompts`` whose greedy continuation (up to ``max_new_tokens`` or EOS) has the
+    final answer of the reference answer: ``final(text)`` extracts it (None counts as wrong)."""
+    device = _device(model)
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"  # generation continues every row from its last token
+    correct = 0
+    try:
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(
+                list(prompts[start : start + batch_size]),
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            )
+            enc = move_to(dict(enc), device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :])
+            for text, answer in zip(texts, answers[start : start + batch_size], strict=True):
+                got = final(text.split(tokenizer.eos_token, 1)[0])
+                correct += got is not None and got == final(answer)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return correct / len(prompts)
+
+
 def smooth(values: Sequence[float], window: int = 20) -> list[float]:
     """Trailing mean over the last ``window`` values (fewer at the start)."""
     out, total = [], 0.0

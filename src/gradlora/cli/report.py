@@ -15,6 +15,7 @@ import torch
 from ..atomic import atomic_write, write_json, write_text
 from .config import BenchConfig
 from .loop import first_step_at_or_below, smooth
+from .lr_report import at_budgets, budget_table, plot_lr, sweep_points, test_metric
 from .recipes import RECIPES
 from .tasks import CLASSIFICATION, Task
 
@@ -64,6 +65,7 @@ def summarize(
     """Per method: the sweep, the best lr (validation), and its seeds' mean and spread."""
     seed0 = cfg.seeds[0]
     budgets = budgets_for(cfg.steps)
+    metric, _ = test_metric(runs)
     methods: dict[str, Any] = {}
     for method in cfg.methods:
         mine = [r for r in runs if r["method"] == method]
@@ -90,6 +92,7 @@ def summarize(
                 for r in sweep
             ],
             "seeds": sorted(r["seed"] for r in at_best),
+            "lr_points": sweep_points(sweep, metric),
         }
         if at_best:
             curves = [smooth(r["losses"], cfg.smooth_window) for r in at_best]
@@ -102,10 +105,11 @@ def summarize(
             ]
             entry["loss_at"] = {str(b): _stat([c[b - 1] for c in curves]) for b in budgets}
             for split in ("val", "test"):
-                for metric in ("loss", "accuracy"):
-                    vals = [r[split][metric] for r in at_best if metric in r[split]]
+                for name in ("loss", "accuracy", "exact_match"):
+                    vals = [r[split][name] for r in at_best if name in r[split]]
                     if vals:
-                        entry[f"{split}_{metric}"] = _stat(vals)
+                        entry[f"{split}_{name}"] = _stat(vals)
+            entry["at_budgets"] = at_budgets(at_best, cfg.steps, metric)
             for k in ("init_seconds", "train_seconds"):
                 entry[k] = _stat([r[k] for r in at_best])
             entry["wall_seconds"] = _stat([r["init_seconds"] + r["train_seconds"] for r in at_best])
@@ -116,6 +120,7 @@ def summarize(
         "config": asdict(cfg) | {"warmup_steps": cfg.warmup},
         "task": {"kind": task.kind, **task.identity, "label_names": task.label_names},
         "budgets": budgets,
+        "test_metric": metric,
         "methods": methods,
         "failed": failed or [],
         "runs": runs,
@@ -149,7 +154,9 @@ def format_table(results: dict[str, Any]) -> str:
     cfg, budgets = results["config"], results["budgets"]
     classification = results["task"]["kind"] == CLASSIFICATION
     head = ["method", "best lr", "seeds"] + [f"loss@{b}" for b in budgets]
+    em = results.get("test_metric") == "exact_match"
     head += ["val loss"] + (["test acc"] if classification else []) + ["test loss"]
+    head += ["test exact match"] if em else []
     head += ["steps to LoRA's final", "init s", "wall s", "peak MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in results["methods"].items():
@@ -161,6 +168,7 @@ def format_table(results: dict[str, Any]) -> str:
         cells += [_fmt(m.get("val_loss"))]
         cells += [_fmt(m.get("test_accuracy"))] if classification else []
         cells += [_fmt(m.get("test_loss"))]
+        cells += [_fmt(m.get("test_exact_match"))] if em else []
         reach = m.get("steps_to_reference", "-") if "reference_loss" in results else "-"
         cells += ["never" if reach is None else str(reach)]
         cells += [_fmt(m.get("init_seconds"), 1), _fmt(m.get("wall_seconds"), 1)]
@@ -203,6 +211,9 @@ def format_table(results: dict[str, Any]) -> str:
                 ]
                 row += [f"{s['val']['accuracy']:.3f}"] if classification else []
             notes.append("| " + " | ".join(row) + " |")
+    budget_lines = budget_table(results)
+    if budget_lines:
+        notes += ["", "At smaller step budgets (each method at its best rate):", ""] + budget_lines
     for f in results["failed"]:
         last = f["error"].strip().splitlines()[-1]
         notes.append(f"\nFAILED {f['method']} lr={f['lr']:g} seed={f['seed']}: {last}")
@@ -258,11 +269,13 @@ def plot_losses(results: dict[str, Any], path: str | Path) -> Path:
 
 
 def save_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write results.json, table.md and losses.png into ``out_dir``."""
+    """Write results.json, table.md, losses.png and lr_curves.png into ``out_dir``."""
     out_dir = Path(out_dir)
     write_json(out_dir / "results.json", results)
     table = write_text(out_dir / "table.md", format_table(results) + "\n")
     paths = {"json": out_dir / "results.json", "table": table}
     if any("curve_mean" in m for m in results["methods"].values()):
         paths["plot"] = plot_losses(results, out_dir / "losses.png")
+    if any(len(m.get("lr_points", [])) > 1 for m in results["methods"].values()):
+        paths["lr_plot"] = plot_lr(results, out_dir / "lr_curves.png")
     return paths

@@ -2,7 +2,8 @@
 CSV/JSONL file) resolved into one ``Task`` with fixed train/validation/test splits.
 
 Built-in models: ``minilm`` (classification), ``smollm2`` (causal LM; classification heads work
-too). Built-in data: ``rotten-tomatoes`` (fresh vs rotten), ``hamlet`` (causal LM text chunks).
+too). Built-in data: ``rotten-tomatoes`` (fresh vs rotten), ``hamlet`` (causal LM text chunks),
+``arithmetic`` (word problems: trained on the answers, scored by exact match of generations).
 A file with columns ``text`` and ``label`` is a classification task (labels may be integers or
 strings such as "pos"/"neg", which are numbered in sorted order); a file with only ``text`` is a
 causal LM task.
@@ -10,8 +11,10 @@ causal LM task.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from ..errors import GradLoraError
+from .arithmetic import NUM_PROBLEMS, SEED, final_answer, make_problems
 from .data import (
     LLAMA_TARGETS,
     MINILM_TARGETS,
@@ -41,6 +45,7 @@ MODELS = {
 DATASETS = {
     "rotten-tomatoes": "Rotten Tomatoes critic snippets, fresh (1) vs rotten (0), ~12,750",
     "hamlet": "the text of Hamlet cut into chunks of --max-length tokens (causal LM)",
+    "arithmetic": "2-3 step arithmetic word problems, seeded (causal LM, scored by exact match)",
 }
 CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
 # a folder holds a tokenizer if it has one of these (tokenizer.save_pretrained writes the first
@@ -69,6 +74,8 @@ class Task:
     label_names: list[str] | None = None  # label id -> name, for files with string labels
     num_layers: int | None = None  # keep only the first transformer blocks (fast tests)
     identity: dict[str, Any] = field(default_factory=dict)  # what defines the task, for run keys
+    # tasks with answers: the final answer in an answer or a generation (exact-match scoring)
+    final_answer: Callable[[str], int | None] | None = None
 
     @property
     def task_type(self) -> str:
@@ -126,6 +133,7 @@ def _split(data: TextData, val: int, test: int, seed: int = 0) -> dict[str, Text
         return TextData(
             [data.texts[i] for i in ids],
             None if data.labels is None else [data.labels[i] for i in ids],
+            None if data.answers is None else [data.answers[i] for i in ids],
         )
 
     return {
@@ -206,6 +214,7 @@ class DataSource:
     columns: list[str] | None = None  # a file's columns (for error messages)
     label_column: str | None = "label"
     identity: dict[str, Any] = field(default_factory=dict)  # what defines the data, for run keys
+    final_answer: Callable[[str], int | None] | None = None  # data with answers: see Task
 
 
 def read_data(
@@ -224,6 +233,11 @@ def read_data(
         return DataSource(data, CLASSIFICATION, full)
     if data == "hamlet":
         return DataSource(data, CAUSAL_LM, None)
+    if data == "arithmetic":
+        full = make_problems()
+        text = json.dumps([full.texts, full.answers]).encode()
+        identity = {"problems": [NUM_PROBLEMS, SEED, hashlib.sha256(text).hexdigest()[:16]]}
+        return DataSource(data, CAUSAL_LM, full, identity=identity, final_answer=final_answer)
     path = Path(data).expanduser()
     if not path.exists():
         raise GradLoraError(
@@ -295,7 +309,7 @@ def load_task(
     if builtin == "minilm" and kind == CAUSAL_LM:
         found = (
             f" ({data} has no {source.label_column!r} column; its columns are {source.columns})"
-            if data != "hamlet"
+            if source.columns is not None
             else ""
         )
         raise GradLoraError(
@@ -333,4 +347,5 @@ def load_task(
         label_names=label_names,
         num_layers=num_layers,
         identity=identity,
+        final_answer=source.final_answer,
     )
