@@ -113,8 +113,18 @@ class Bench:
         out["test"] = loop.evaluate(model, self.test_batches)
         test = self.task.splits["test"]
         if test.answers is not None:
+            tokenizer = self.task.tokenizer
+            longest = max(
+                len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in test.answers
+            )
             out["test"]["exact_match"] = loop.exact_match(
-                model, self.task.tokenizer, test.texts, test.answers, self.task.final_answer
+                model,
+                tokenizer,
+                test.texts,
+                test.answers,
+                self.task.final_answer,
+                batch_size=64,
+                max_new_tokens=longest + 2,  # the longest worked answer, its EOS and one more
             )
         return out
 

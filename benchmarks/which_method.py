@@ -1,0 +1,190 @@
+"""Which method when: the three learning-rate sweeps of benchmarks/lr_sweeps.sh read side by side.
+
+For each task: every method at LoRA's best rate (a user who keeps the rate they know; seed 0 of
+the sweep), every method at its own best rate at 25%, 50% and 100% of the steps (mean ± std
+over seeds), and the goals of issue 15 checked on the test score. "Better by more than the seed
+spread" means the difference of the means exceeds the larger of the two standard deviations.
+
+    python benchmarks/which_method.py  # writes benchmarks/results/which_method.{md,json}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+TASKS = {
+    "MiniLM / Rotten Tomatoes": "lr-minilm",
+    "SmolLM2 / Hamlet": "lr-smollm2-hamlet",
+    "SmolLM2 / arithmetic": "lr-smollm2-arithmetic",
+}
+OURS = ["lora-ga", "lora-ga-matched", "lora-one", "lora-pro"]
+PEERS = {"lora-ga": "peft-lora-ga", "lora-one": "peft-riemannian"}
+
+
+def load(folder: str) -> dict | None:
+    path = RESULTS / folder / "results.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def gain(a: dict, b: dict, higher: bool) -> float:
+    """How much better mean a is than mean b (positive: a is better)."""
+    return (a["mean"] - b["mean"]) * (1 if higher else -1)
+
+
+def spread(a: dict, b: dict) -> float:
+    return max(a["std"], b["std"])
+
+
+def verdict(a: dict, b: dict, higher: bool) -> str:
+    """ "better", "worse" or "tie": whether a beats b by more than the seed spread."""
+    g, s = gain(a, b, higher), spread(a, b)
+    return "better" if g > s else "worse" if g < -s else "tie"
+
+
+def fmt(stat: dict | None, digits: int = 3) -> str:
+    if not stat:
+        return "-"
+    if stat.get("n", 1) > 1:
+        return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f}"
+
+
+def at_rate(results: dict, method: str, lr: float, metric: str) -> dict | None:
+    """Seed-0 validation loss and test score of ``method`` at ``lr`` (None if not swept)."""
+    for p in results["methods"].get(method, {}).get("lr_points", []):
+        if abs(p["lr"] - lr) <= 1e-12 * lr:
+            return p
+    return None
+
+
+def task_report(name: str, results: dict) -> tuple[list[str], dict]:
+    metric = results["test_metric"]
+    higher = metric != "loss"
+    key = f"test_{metric}"
+    methods = results["methods"]
+    lora = methods.get("lora", {})
+    lines = [f"### {name}", ""]
+    facts: dict = {"metric": metric}
+    if not lora.get("at_budgets"):
+        return lines + ["LoRA's sweep is not finished.", ""], facts
+    lr_l = lora["best_lr"]
+    steps = sorted(lora["at_budgets"], key=int)
+    final = lora["at_budgets"][steps[-1]]
+    lines += [
+        f"Test score: {metric} ({'higher' if higher else 'lower'} is better). LoRA's best rate: "
+        f"{lr_l:g}.",
+        "",
+        f"**At LoRA's best rate ({lr_l:g})**, seed 0 (LoRA: mean ± std of its seeds):",
+        "",
+        f"| method | val loss | test {metric} | vs LoRA |",
+        "|---|---|---|---|",
+    ]
+    facts["at_lora_rate"] = {}
+    for method in methods:
+        p = at_rate(results, method, lr_l, metric)
+        if method == "lora":
+            cells = [fmt(final["val_loss"]), fmt(final.get(key)), "-"]
+        elif p is None or p["val_loss"] is None:
+            cells = ["-", "-", "not swept" if p is None else "diverged"]
+        else:
+            one = {"mean": p[key], "std": 0.0, "n": 1}
+            v = verdict(one, final[key], higher)
+            facts["at_lora_rate"][method] = v
+            cells = [f"{p['val_loss']:.3f}", f"{p[key]:.3f}", v]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "**At each method's best rate** (test score, mean ± std over seeds, by step):",
+        "",
+        "| method | best lr | " + " | ".join(f"@{s}" for s in steps) + " |",
+        "|---|---|" + "---|" * len(steps),
+    ]
+    facts["at_best"], facts["final"] = {}, {}
+    for method, m in methods.items():
+        if row_final := m.get("at_budgets", {}).get(steps[-1], {}).get(key):
+            facts["final"][method] = row_final
+        row = m.get("at_budgets", {})
+        cells = []
+        for s in steps:
+            stat = row.get(s, {}).get(key)
+            mark = ""
+            if stat and method != "lora":
+                v = verdict(stat, lora["at_budgets"][s][key], higher)
+                facts["at_best"].setdefault(method, {})[s] = v
+                mark = {"better": " (+)", "worse": " (-)", "tie": ""}[v]
+            cells.append(fmt(stat) + mark)
+        best = "-" if m.get("best_lr") is None else f"{m['best_lr']:g}"
+        best += " (edge)" if m.get("best_at_grid_edge") else ""
+        lines.append(f"| {method} | {best} | " + " | ".join(cells) + " |")
+    lines += ["", "(+)/(-): better/worse than LoRA by more than the seed spread.", ""]
+    facts["steps"], facts["higher"] = steps, higher
+    return lines, facts
+
+
+def goals(facts: dict[str, dict]) -> list[str]:
+    done = {t: f for t, f in facts.items() if "steps" in f}
+    lines = ["## Goals of issue 15", ""]
+    if not done:
+        return lines + ["No finished sweep yet.", ""]
+    g1 = {t: f["at_lora_rate"].get("lora-ga-matched") for t, f in done.items()}
+    ok1 = all(v in ("better", "tie") for v in g1.values())
+    lines.append(
+        f"1. LoRA-GA (matched) at LoRA's best rate no worse than LoRA beyond the seed spread: "
+        f"{'met' if ok1 else 'not met'} ({', '.join(f'{t}: {v}' for t, v in g1.items())})."
+    )
+    wins = {}
+    for t, f in done.items():
+        quarter, half, full = f["steps"][0], f["steps"][1], f["steps"][-1]
+        wins[t] = [
+            m
+            for m in OURS
+            if f["at_best"].get(m, {}).get(quarter) == "better"
+            and f["at_best"].get(m, {}).get(half) == "better"
+            and f["at_best"].get(m, {}).get(full) != "worse"
+        ]
+    ok2 = sum(bool(w) for w in wins.values()) >= 2
+    lines.append(
+        "2. A gradlora method beats LoRA beyond the spread at 25% and 50% and is not behind at "
+        f"100%, on at least two tasks: {'met' if ok2 else 'not met'} "
+        "(" + ", ".join(f"{t}: {w or 'none'}" for t, w in wins.items()) + ")."
+    )
+    for ours, peer in PEERS.items():
+        verdicts = {
+            t: verdict(f["final"][ours], f["final"][peer], f["higher"])
+            for t, f in done.items()
+            if ours in f["final"] and peer in f["final"]
+        }
+        ok3 = bool(verdicts) and all(v != "worse" for v in verdicts.values())
+        lines.append(
+            f"3. {ours} >= {peer} at their best rates, end of training: "
+            f"{'met' if ok3 else 'not met'} ("
+            + ", ".join(f"{t}: {v}" for t, v in verdicts.items())
+            + ")."
+        )
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(RESULTS / "which_method"))
+    args = parser.parse_args()
+    lines = ["# Which method when (benchmarks/which_method.py)", ""]
+    facts = {}
+    for name, folder in TASKS.items():
+        results = load(folder)
+        if results is None:
+            lines += [f"### {name}", "", f"No results yet in benchmarks/results/{folder}.", ""]
+            continue
+        part, facts[name] = task_report(name, results)
+        lines += part
+    lines += goals(facts)
+    Path(args.out + ".md").write_text("\n".join(lines))
+    Path(args.out + ".json").write_text(json.dumps(facts, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
