@@ -21,7 +21,7 @@ from .meter import PhaseCost, measure
 from .portable_save import install_portable_save
 from .precision import math_dtype
 from .sketch import check_sketch_options, choose_gradient, sketch_svds
-from .targets import LoraTarget, find_layers, unwrap
+from .targets import LoraTarget, check_gradient_flows, find_layers, unwrap
 from .write import resolve_offset, write_factors
 
 
@@ -297,6 +297,7 @@ def _check_before_write(
             "LoraConfig(inference_mode=True)); load it with is_trainable=True or call "
             "requires_grad_(True) on the lora_A / lora_B weights before initializing"
         )
+    check_gradient_flows(targets)  # bitsandbytes layers: a device and a layout it can train on
     for t in targets:
         check_rank(spec, t.rank, t.shape, t.name)
     done = [t.name for t in targets if t.init_factors() is not None]
