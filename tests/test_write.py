@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_same_snapshot, make_batches, model_snapshot, tiny_peft
+from conftest import assert_same_snapshot, eval_logits, make_batches, model_snapshot, tiny_peft
 
 import gradlora
 import gradlora.inits
@@ -126,3 +126,36 @@ def test_fault_in_the_first_layer_leaves_the_model_byte_identical(monkeypatch, o
         )
     assert_same_snapshot(before, model_snapshot(model))
     assert not getattr(fault, "__notes__", None)
+
+
+@pytest.mark.parametrize("offset", ["adapter", "weight"])
+def test_raw_state_dict_round_trip(tmp_path, offset):
+    """torch.save(model.state_dict()) after an init: a fresh PeftModel refuses it (strict=True)
+    instead of silently losing the counter-term; a model initialized alike (another run of the
+    same recipe, other data) loads it and computes what the saved model computed."""
+    model, _ = tiny_peft("llama")
+    batches = make_batches("llama")
+    gradlora.initialize(model, batches, num_batches=2, progress=False, offset=offset)
+    with torch.no_grad():  # a trained adapter: B A no longer equal to B0 A0
+        for t in find_targets(model):
+            t.B.add_(0.01)
+    want = eval_logits(model, batches)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert any(k.endswith("lora_A.default.gradlora_weight0") for k in saved)
+
+    fresh, _ = tiny_peft("llama")
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*gradlora_weight0"):
+        fresh.load_state_dict(saved)
+    fresh.load_state_dict(saved, strict=False)  # what strict=True guards against:
+    got = eval_logits(fresh, batches)
+    if offset == "adapter":  # the counter-term is gone: other outputs
+        assert not torch.allclose(got, want, atol=1e-4)
+    else:  # the base weights carry the offset: the same outputs
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    again, _ = tiny_peft("llama")
+    other = make_batches("llama", seed=7)
+    gradlora.initialize(again, other, num_batches=2, progress=False, offset=offset)
+    again.load_state_dict(saved)
+    torch.testing.assert_close(eval_logits(again, batches), want, rtol=0, atol=0)

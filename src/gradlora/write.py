@@ -12,9 +12,12 @@ rounding of its dtype per entry (not always byte for byte); A, B, the buffers an
 The exception then carries a note that says so.
 
 A LoRA-GA-style init offsets the frozen base weight, W' = W - s B0 A0, and keeps the exact A0,
-B0 on the adapter as non-persistent buffers ``lora_A[name].gradlora_weight0`` and
-``lora_B[name].gradlora_weight0`` (``targets.WEIGHT0``); ``adapter_io`` folds them into a
-portable adapter and splits them back out.
+B0 on the adapter as buffers ``lora_A[name].gradlora_weight0`` and ``lora_B[name].gradlora_weight0``
+(``targets.WEIGHT0``); ``adapter_io`` folds them into a portable adapter and splits them back
+out. They are persistent: ``model.state_dict()`` holds them, so a raw ``torch.save`` /
+``load_state_dict`` round trip into a model initialized alike restores them, and one into a
+model without them (a fresh PeftModel) fails with unexpected keys under strict=True rather than
+silently dropping the counter-term of ``offset="adapter"``.
 """
 
 from __future__ import annotations
@@ -159,8 +162,10 @@ class _Plan:
         if self.signature is not None:
             lora_a, lora_b = t.layer.lora_A[t.adapter], t.layer.lora_B[t.adapter]
             lora_a.register_buffer(BASE_SIGNATURE, self.signature, persistent=False)
-            lora_a.register_buffer(WEIGHT0, self.A0.clone(), persistent=False)
-            lora_b.register_buffer(WEIGHT0, self.B0.clone(), persistent=False)
+            # persistent: a raw model.state_dict() carries them, so loading it into a model
+            # without them fails with unexpected keys (strict=True) instead of losing the offset
+            lora_a.register_buffer(WEIGHT0, self.A0.clone(), persistent=True)
+            lora_b.register_buffer(WEIGHT0, self.B0.clone(), persistent=True)
             counter_term.install(t, mode)
         if set_adapter_weights:
             local(t.A).copy_(self.part_a)
