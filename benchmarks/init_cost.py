@@ -17,7 +17,8 @@ Cases (N = --batches batches):
   gradlora_sketch gradlora.initialize(method="lora-ga", gradient="sketch") at its defaults
   peft_loraga     peft 0.21's preprocess_loraga + get_peft_model(init_lora_weights="lora_ga")
   (full_passes, gradlora_one, gradlora_sketch_adapter (the sketch init with offset="adapter",
-  which never rewrites a base weight, so keeps no rollback copy of one): with --cases)
+  which never rewrites a base weight), gradlora_sketch_memory (the sketch init with
+  sketch_memory = --sketch-memory-mib MiB: layers sketched in groups): with --cases)
 
 Memory: ``peak`` is the process's RSS high-water mark during the case (reset at its start) on
 CPU, CUDA's max_memory_allocated on a GPU; ``increase`` is peak minus what was in use when
@@ -49,7 +50,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from _wide_llama import TARGETS, random_batches, wide_llama  # noqa: E402
 
 CASES = ["lora_passes", "lora_step", "gradlora_exact", "gradlora_sketch", "peft_loraga"]
-EXTRA_CASES = ["full_passes", "gradlora_one", "gradlora_sketch_adapter"]
+EXTRA_CASES = ["full_passes", "gradlora_one", "gradlora_sketch_adapter", "gradlora_sketch_memory"]
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -143,6 +144,7 @@ def run_case(model_name: str, case: str, args) -> dict:
             method = "lora-one" if case == "gradlora_one" else "lora-ga"
             gradient = "sketch" if case.startswith("gradlora_sketch") else "exact"
             offset = "adapter" if case.endswith("_adapter") else "auto"
+            memory = args.sketch_memory_mib * 2**20 if case.endswith("_memory") else None
             with measure(dev) as cost:
                 rep = gradlora.initialize(
                     model,
@@ -152,6 +154,7 @@ def run_case(model_name: str, case: str, args) -> dict:
                     progress=False,
                     gradient=gradient,
                     offset=offset,
+                    sketch_memory=memory,
                 )
             out.update(
                 capture_seconds=rep.capture.seconds,
@@ -255,6 +258,7 @@ def main() -> None:
     parser.add_argument("--llama-seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sketch-memory-mib", type=int, default=32)
     parser.add_argument("--no-quality", dest="quality", action="store_false")
     parser.add_argument(
         "--quick",
@@ -277,7 +281,15 @@ def main() -> None:
         return
     args.forward = [
         f"--{k.replace('_', '-')}={getattr(args, k)}"
-        for k in ("batches", "batch_size", "llama_layers", "llama_batch", "llama_seq", "device")
+        for k in (
+            "batches",
+            "batch_size",
+            "llama_layers",
+            "llama_batch",
+            "llama_seq",
+            "device",
+            "sketch_memory_mib",
+        )
     ]
 
     runs = {m: {c: [] for c in args.cases} for m in args.models}

@@ -11,11 +11,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import VOCAB, make_batches, reference_gradients
+from conftest import VOCAB, assert_same_snapshot, make_batches, model_snapshot, reference_gradients
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import gradlora
+from gradlora.cli.data import quantization_config
 from gradlora.spectral import best_rank_approx
 from gradlora.targets import find_targets
 
@@ -222,3 +223,21 @@ def test_optimizers_step_on_a_4bit_model(saved_llama, name, kw):
         assert torch.equal(t.weight, before[t.name])
         assert not torch.equal(t.A, A) and not torch.equal(t.B, B)
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_device_bitsandbytes_cannot_run_is_refused_untouched(saved_llama, kind, monkeypatch):
+    """bitsandbytes lists the device types it has a backend for; a layer on another one (faked
+    here by taking "cpu" off that list) is refused by name before the model is touched."""
+    import bitsandbytes
+
+    model = lora(quantized_base(saved_llama, kind))
+    snapshot = model_snapshot(model)
+    monkeypatch.setattr(bitsandbytes, "supported_torch_devices", {"cuda", "xpu"})
+    with pytest.raises(gradlora.GradLoraError, match=r"on device 'cpu', where bitsandbytes has no"):
+        gradlora.initialize(model, make_batches("llama", n=2), progress=False)
+    assert_same_snapshot(snapshot, model_snapshot(model))
+    with pytest.raises(gradlora.GradLoraError, match=r"--quantize nf4 is on device 'cpu'"):
+        quantization_config("nf4", "cpu")
+    monkeypatch.undo()
+    quantization_config("nf4", "cpu")  # cpu is supported: no error

@@ -352,3 +352,4 @@ def test_bad_gradient_options():
     _fails_untouched(model, "unknown gradient='fast'", batches, gradient="fast")
     _fails_untouched(model, "sketch_passes must be", batches, sketch_passes=0)
     _fails_untouched(model, "sketch_oversample must be", batches, sketch_oversample=-1)
+    _fails_untouched(model, "sketch_memory must be", batches, gradient="sketch", sketch_memory=0)

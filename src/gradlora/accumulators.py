@@ -189,8 +189,9 @@ class SketchAccumulator(_ActivationHooks):
         return [s for s in (self.GR, self.LG) if s is not None]
 
     def result(self, num_batches: int) -> tuple[Tensor | None, Tensor | None]:
-        """(G M, L G) for the mean gradient G, i.e. the sums divided by ``num_batches``."""
-        return tuple(None if s is None else s / num_batches for s in (self.GR, self.LG))
+        """(G M, L G) for the mean gradient G, i.e. the sums divided by ``num_batches``, in
+        place (no second copy of the sketches): call it once."""
+        return tuple(None if s is None else s.div_(num_batches) for s in (self.GR, self.LG))
 
 
 def _drop_grad(tensor: Tensor) -> None:

@@ -37,6 +37,7 @@ from .errors import GradLoraError
 from .flags import ModuleFlags
 from .signature import MAX_RELATIVE_DIFFERENCE, relative_difference, weight_signature
 from .targets import (
+    WEIGHT0,
     LoraTarget,
     SkippedLayer,
     active_adapter,
@@ -115,6 +116,7 @@ def save_adapter(
             f"layers {bad} disagree with the others on whether the base weight was offset"
         )
     state = get_peft_model_state_dict(model, adapter_name=adapter)
+    state = {k: v for k, v in state.items() if not k.endswith("." + WEIGHT0)}  # folded in below
     sharded = any_sharded(state) or any(t.sharded for t in targets)
     state = whole(state)  # FSDP2: an all-gather per tensor, on every rank
     config = model.peft_config[adapter]

@@ -21,7 +21,7 @@ from .meter import PhaseCost, measure
 from .portable_save import install_portable_save
 from .precision import math_dtype
 from .sketch import check_sketch_options, choose_gradient, sketch_svds
-from .targets import LoraTarget, find_layers, unwrap
+from .targets import LoraTarget, check_gradient_flows, find_layers, unwrap
 from .write import resolve_offset, write_factors
 
 
@@ -79,6 +79,7 @@ def initialize(
     offset: str = "auto",
     sketch_passes: int = 1,
     sketch_oversample: int | None = None,
+    sketch_memory: int | None = None,
     distributed: bool | None = None,
     process_group: Any = None,
     skip_unsupported: bool = False,
@@ -108,6 +109,11 @@ def initialize(
     sketch, about one plain pass; 2: range finder plus exact projection; more: power
     iterations, each one more pass); sketch width s = k + ``sketch_oversample`` (default 7k, so
     s = 8k; k = 2r for LoRA-GA, r for LoRA-One), memory about 3 (m + n) s floats per layer.
+    ``sketch_memory`` (bytes; None, the default: no limit) caps what those buffers take in one
+    pass: the layers are then sketched in groups (model order), one group per pass over the same
+    batches (kept in memory), each group reduced to its top triplets before the next: the same
+    result, the capture time about once per group (less for groups of upper layers). Set it where
+    the sketches (not the activations) would push the init past the memory a training step needs.
     gradient="auto" (the default) is "exact" while the fp32 accumulators take at most 1 GiB
     (about 268M adapted weights) and "sketch" above: measured on MiniLM, exact is exact and no
     slower at that size, while the single-pass sketch at s = 8k captures a median 0.99 (min
@@ -160,7 +166,9 @@ def initialize(
                 "is a collective (every rank holds a slice of each factor): call initialize on "
                 "every rank with distributed=None (the default) or True, not distributed=False"
             )
-        mode = _check_before_write(spec, targets, gradient, sketch_passes, sketch_oversample)
+        mode = _check_before_write(
+            spec, targets, gradient, sketch_passes, sketch_oversample, sketch_memory
+        )
         offset_mode = resolve_offset(offset, targets) if spec.offsets_base else None
     except Exception:
         if sync:  # the other ranks stop at their join check instead of waiting for this one
@@ -187,6 +195,7 @@ def initialize(
                 oversample=sketch_oversample,
                 seed=spec.seed,
                 reduce=reduce,
+                memory=sketch_memory,
             )
         else:
             accs, used = capture(
@@ -246,7 +255,9 @@ def initialize(
         gradient=mode,
         offset=offset_mode,
         gradient_options=(
-            {"passes": sketch_passes, "oversample": sketch_oversample} if mode == "sketch" else {}
+            {"passes": sketch_passes, "oversample": sketch_oversample, "memory": sketch_memory}
+            if mode == "sketch"
+            else {}
         ),
         layers=layers,
         skipped=[s.name for s in skipped],
@@ -270,7 +281,12 @@ def _factor_layout(t: LoraTarget, spec) -> tuple:
 
 
 def _check_before_write(
-    spec, targets: list[LoraTarget], gradient: str, passes: int, oversample: int | None
+    spec,
+    targets: list[LoraTarget],
+    gradient: str,
+    passes: int,
+    oversample: int | None,
+    memory: int | None = None,
 ) -> str:
     """Every check that can refuse an init, run before any batch is touched; returns the
     resolved gradient mode ("exact" or "sketch")."""
@@ -281,6 +297,7 @@ def _check_before_write(
             "LoraConfig(inference_mode=True)); load it with is_trainable=True or call "
             "requires_grad_(True) on the lora_A / lora_B weights before initializing"
         )
+    check_gradient_flows(targets)  # bitsandbytes layers: a device and a layout it can train on
     for t in targets:
         check_rank(spec, t.rank, t.shape, t.name)
     done = [t.name for t in targets if t.init_factors() is not None]
@@ -290,5 +307,5 @@ def _check_before_write(
             "a second init would measure the gradient at the offset weights. Start again from a "
             "fresh PeftModel of the original base model"
         )
-    check_sketch_options(passes, oversample)
+    check_sketch_options(passes, oversample, memory)
     return choose_gradient(gradient, targets)

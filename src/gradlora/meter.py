@@ -1,4 +1,9 @@
-"""Wall time and peak memory of a phase: CUDA's max_memory_allocated, or the process's RSS peak."""
+"""Wall time and peak memory of a phase: CUDA's max_memory_allocated, or the process's RSS peak.
+
+Phases nest (``initialize`` measures its capture and SVD inside a caller's measurement): both
+metrics are high-water marks that a phase resets when it begins, so before each reset the
+peak so far is handed to every enclosing phase, whose own peak therefore covers its inner ones.
+"""
 
 from __future__ import annotations
 
@@ -50,15 +55,43 @@ def _rss_peak_bytes() -> int:
     return kb * 1024
 
 
+_open: list[tuple[PhaseCost, str]] = []  # phases being measured, outermost first, and _kind
+
+
+def _kind(device: torch.device) -> str:
+    """What a high-water mark belongs to: one CUDA device, or the host process."""
+    return f"cuda:{device.index or 0}" if device.type == "cuda" else "host"
+
+
+def _peak_now(device: torch.device) -> int:
+    """The high-water mark since the last reset: CUDA's max allocated, or the RSS peak."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return _rss_peak_bytes()
+
+
+def _hand_peak_outward(device: torch.device) -> None:
+    """Before a reset: raise each enclosing phase's peak (same kind of device) to the mark so
+    far, which the reset is about to forget."""
+    outer = [cost for cost, kind in _open if kind == _kind(device)]
+    if outer:
+        peak = _peak_now(device)
+        for cost in outer:
+            cost.peak_bytes = max(cost.peak_bytes, peak)
+
+
 @contextmanager
 def measure(device: torch.device):
     """Measure the enclosed block; yields a PhaseCost filled in when the block ends.
 
     On CUDA the peak is ``torch.cuda.max_memory_allocated`` after a reset; elsewhere it is the
     process's resident-set high-water mark, reset first where Linux allows it (otherwise the
-    peak since process start, an upper bound).
+    peak since process start, an upper bound). Measurements nest: an enclosing phase's peak
+    includes the peaks of the phases measured inside it (module docstring).
     """
     cost = PhaseCost()
+    _hand_peak_outward(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -68,12 +101,10 @@ def measure(device: torch.device):
         cost.metric = "rss_peak" if _reset_rss_peak() else "rss_peak_since_start"
         cost.start_bytes = (_read_status_kb("VmRSS") or 0) * 1024
     start = time.perf_counter()
+    _open.append((cost, _kind(device)))
     try:
         yield cost
     finally:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            cost.peak_bytes = torch.cuda.max_memory_allocated(device)
-        else:
-            cost.peak_bytes = _rss_peak_bytes()
+        del _open[next(i for i, (c, _) in enumerate(_open) if c is cost)]
+        cost.peak_bytes = max(cost.peak_bytes, _peak_now(device))
         cost.seconds = time.perf_counter() - start

@@ -24,7 +24,7 @@ from .sharding import is_sharded, local, local_rows, require_row_layout, sum_ove
 
 PROBES = 8  # k: the estimate's relative spread is about 1/sqrt(2k) = 25%
 MAX_RELATIVE_DIFFERENCE = 0.01
-CHUNK = 1 << 22  # entries of W converted to fp64 at once (32 MiB)
+CHUNK = 1 << 18  # entries of W converted to fp64 at once (2 MiB: a small transient on any layer)
 
 
 def weight_signature(W: Tensor, name: str, probes: int = PROBES) -> list[float]:

@@ -38,18 +38,29 @@ class LayerSketch:
     """What the last pass left for one layer; ``svd()`` reconstructs the top-k triplets."""
 
     k: int
-    kind: str  # "single" (a=Y, b=Z, psi), "range" (a=Q, b=Q^T G), "corange" (a=G P, b=P)
+    # "single" (a=Y, b=Z, psi), "range" (a=Q, b=Q^T G), "corange" (a=G P, b=P),
+    # "triplets" (a=U, b=V, singular values S: ``svd()`` already taken)
+    kind: str
     a: Tensor
     b: Tensor
     psi: Tensor | SeededGaussian | None = None
+    S: Tensor | None = None
 
     def svd(self) -> tuple[Tensor, Tensor, Tensor]:
         """U (m, k), S (k,), V (n, k) of the sketched G, fp32."""
+        if self.kind == "triplets":
+            return self.a, self.S, self.b
         if self.kind == "single":
             return sketch_svd(self.a, self.b, materialize(self.psi), self.k)
         if self.kind == "range":
             return factored_svd(self.a, self.b.T, self.k)
         return factored_svd(self.a, self.b, self.k)
+
+    def compact(self) -> LayerSketch:
+        """The same sketch with its SVD taken now: (m + n) k floats instead of the sketches
+        (same numbers as a later ``svd()``)."""
+        U, S, V = self.svd()
+        return LayerSketch(self.k, "triplets", U, V, S=S)
 
 
 # Default sketch width s = SKETCH_WIDTH_FACTOR * k. Measured on real MiniLM gradients (8 batches
@@ -69,7 +80,42 @@ def sketch_sizes(k: int, shape: tuple[int, int], oversample: int | None) -> tupl
     return s, min(2 * s + 1, m)
 
 
-def check_sketch_options(passes: Any, oversample: Any) -> None:
+def sketch_bytes(shape: tuple[int, int], size: tuple[int, int], passes: int) -> int:
+    """Bytes of one layer's sketch buffers (fp32) during a pass: G Omega (m, s) and Psi G (l, n)
+    for a single pass; with more passes about a basis and a product, 2 (m + n) s floats."""
+    (m, n), (s, l) = shape, size
+    return 4 * (m * s + l * n) if passes == 1 else 8 * (m + n) * s
+
+
+def sketch_groups(
+    targets: list[LoraTarget], sizes: Mapping[str, tuple[int, int]], passes: int, memory: int | None
+) -> list[list[LoraTarget]]:
+    """The targets split, in model order, into groups whose sketch buffers (``sketch_bytes``)
+    take at most ``memory`` bytes together (a layer over it alone gets a group of its own);
+    one group for ``memory=None``. Depends only on shapes, so every rank splits alike."""
+    if memory is None:
+        return [list(targets)]
+    groups: list[list[LoraTarget]] = [[]]
+    held = 0
+    for t in targets:
+        need = sketch_bytes(t.shape, sizes[t.name], passes)
+        if groups[-1] and held + need > memory:
+            groups.append([])
+            held = 0
+        groups[-1].append(t)
+        held += need
+    return groups
+
+
+def check_sketch_options(passes: Any, oversample: Any, memory: Any = None) -> None:
+    """Refuse bad ``sketch_passes`` / ``sketch_oversample`` / ``sketch_memory`` values."""
+    if memory is not None and (
+        not isinstance(memory, int) or isinstance(memory, bool) or memory < 1
+    ):
+        raise GradLoraError(
+            f"sketch_memory must be None (one pass sketches every layer) or a number of bytes "
+            f">= 1, got {memory!r}"
+        )
     if not isinstance(passes, int) or isinstance(passes, bool) or passes < 1:
         raise GradLoraError(f"sketch_passes must be a positive integer, got {passes!r}")
     if oversample is not None and (
@@ -93,19 +139,27 @@ def sketch_svds(
     oversample: int | None = None,
     seed: int = 0,
     reduce: Callable[[list[Tensor]], None] | None = None,
+    memory: int | None = None,
 ) -> tuple[dict[str, LayerSketch], int]:
     """Sketch the mean gradient G of every target in ``passes`` passes over the same batches.
 
     ``ranks[name]`` is the number k of triplets wanted for that layer. Returns
     ({base-model layer name: LayerSketch}, number of batches used); call ``.svd()`` on each.
     Test matrices come from private generators seeded by ``seed`` and the layer's position, so
-    the same seed gives bit-identical results. Raises GradLoraError like ``capture`` (empty
-    data, unreached layer, non-finite or zero gradient); the model is restored in every case.
+    the same seed gives bit-identical results. ``memory`` (bytes, None: no limit) caps the
+    sketch buffers one pass holds: the layers are split in model order into groups within it
+    (``sketch_groups``), each group sketched by its own passes over the same batches (cached),
+    and each group but the last reduced to its top-k triplets (``LayerSketch.compact``) before
+    the next starts; the results are the same, the time about one capture per group (a group
+    of upper layers backpropagates only through them). Raises GradLoraError like ``capture``
+    (empty data, unreached layer, non-finite or zero gradient); the model is restored in every
+    case.
     """
-    check_sketch_options(passes, oversample)
-    if passes > 1 and not isinstance(batches, Mapping | Tensor):
-        batches = list(itertools.islice(batches, num_batches))  # replayed by the later passes
+    check_sketch_options(passes, oversample, memory)
     sizes = {t.name: sketch_sizes(ranks[t.name], t.shape, oversample) for t in targets}
+    groups = sketch_groups(targets, sizes, passes, memory)
+    if (passes > 1 or len(groups) > 1) and not isinstance(batches, Mapping | Tensor):
+        batches = list(itertools.islice(batches, num_batches))  # replayed by the later passes
     omegas, psis = {}, {}
     for i, t in enumerate(targets):
         s, l = sizes[t.name]
@@ -115,10 +169,10 @@ def sketch_svds(
         if passes == 1:
             psis[t.name] = SeededGaussian(l, t.shape[0], seed * 1_000_003 + 2 * i + 1, device)
 
-    def run(make: Callable[[LoraTarget], SketchAccumulator], count: int):
+    def run(group: list[LoraTarget], make: Callable[[LoraTarget], SketchAccumulator], count):
         return capture(
             model,
-            targets,
+            group,
             batches,
             num_batches=count,
             loss_fn=loss_fn,
@@ -127,6 +181,19 @@ def sketch_svds(
             reduce=reduce,
         )
 
+    out: dict[str, LayerSketch] = {}
+    for j, group in enumerate(groups):
+        sketches, used = _sketch_group(
+            partial(run, group), group, ranks, omegas, psis, passes, num_batches, batches
+        )
+        if j < len(groups) - 1:  # keep (m + n) k floats, not the sketches, while the rest runs
+            sketches = {name: sketch.compact() for name, sketch in sketches.items()}
+        out.update(sketches)
+    return out, used
+
+
+def _sketch_group(run, targets, ranks, omegas, psis, passes, num_batches, batches):
+    """``sketch_svds`` for one group of targets: its passes, through ``run(make, count)``."""
     accs, used = run(
         lambda t: SketchAccumulator(t, right=omegas[t.name], left=psis.get(t.name)), num_batches
     )

@@ -15,8 +15,10 @@ are errors on every layer, skipped or not.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
+import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora import layer as lora
@@ -297,6 +299,8 @@ def check_gradient_flows(targets: list[LoraTarget]) -> None:
     so on the first forward in eval mode without grad (AVX512-BF16 CPUs), and from then on its
     matmul passes no gradient back to its input, so every layer below would get none."""
     for t in targets:
+        if t.quantized:
+            check_bnb_device(t.weight.device, f"the bitsandbytes layer {t.name!r}")
         state = getattr(t.weight, "quant_state", None)
         if t.quantized and getattr(state, "packing_format_for_cpu", False):
             raise GradLoraError(
@@ -305,6 +309,18 @@ def check_gradient_flows(targets: list[LoraTarget]) -> None:
                 "gradient flows; run gradlora before evaluating the model (or evaluate in train "
                 "mode), or load the model again"
             )
+
+
+def check_bnb_device(device: torch.device, what: str) -> None:
+    """Refuse ``what`` on a device whose type bitsandbytes (if imported) has no backend for
+    (``bitsandbytes.supported_torch_devices``): its kernels would fail mid-init."""
+    supported = getattr(sys.modules.get("bitsandbytes"), "supported_torch_devices", None)
+    if supported is not None and device.type not in supported:
+        raise GradLoraError(
+            f"{what} is on device {str(device)!r}, where bitsandbytes has no backend (it runs "
+            f"on {', '.join(sorted(supported))}); move the model to one of those (e.g. load it "
+            "with device_map='cuda' or 'cpu'), or load it without quantization"
+        )
 
 
 ZERO3_FIX = (

