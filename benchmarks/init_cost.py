@@ -15,6 +15,7 @@ Cases (N = --batches batches):
   lora_step       one plain LoRA training step on the first batch (forward, backward, AdamW)
   gradlora_exact  gradlora.initialize(method="lora-ga", gradient="exact")
   gradlora_sketch gradlora.initialize(method="lora-ga", gradient="sketch") at its defaults
+  (sketch_memory="auto": the sketch buffers capped at a training step's activations)
   peft_loraga     peft 0.21's preprocess_loraga + get_peft_model(init_lora_weights="lora_ga")
   (full_passes, gradlora_one, gradlora_sketch_adapter (the sketch init with offset="adapter",
   which never rewrites a base weight), gradlora_sketch_memory (the sketch init with
@@ -144,7 +145,7 @@ def run_case(model_name: str, case: str, args) -> dict:
             method = "lora-one" if case == "gradlora_one" else "lora-ga"
             gradient = "sketch" if case.startswith("gradlora_sketch") else "exact"
             offset = "adapter" if case.endswith("_adapter") else "auto"
-            memory = args.sketch_memory_mib * 2**20 if case.endswith("_memory") else None
+            memory = args.sketch_memory_mib * 2**20 if case.endswith("_memory") else "auto"
             with measure(dev) as cost:
                 rep = gradlora.initialize(
                     model,

@@ -63,3 +63,38 @@ def test_sketch_memory_init_is_the_same_init():
         runs.append(model.state_dict())
     assert runs[0].keys() == runs[1].keys()
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_auto_caps_the_sketch_at_a_training_steps_activations():
+    """sketch_memory="auto": the cap is 4 bytes x tokens x sum of (m + n) over the targets,
+    from the first batch (a one-shot iterator is not shortened by the peek); the same init."""
+    from gradlora.sketch import step_activation_bytes
+
+    model, _ = tiny_peft("llama")
+    targets = find_targets(model)
+    batches = make_batches("llama", n=3, batch=2, seq=5)
+    tokens = batches[0]["input_ids"].numel()
+    expected = 4 * tokens * sum(m + n for m, n in (t.shape for t in targets))
+    assert step_activation_bytes(targets, batches[0]) == expected
+    assert step_activation_bytes(targets, {"x": torch.zeros(2, 3)}) is None
+    assert step_activation_bytes(targets, torch.randn(2, 8)) is None  # float features: unknown
+    sizes = {t.name: sketch_sizes(2 * t.rank, t.shape, None) for t in targets}
+    assert len(sketch_groups(targets, sizes, 1, expected)) > 1  # 10 tokens < the sketch width
+    states = []
+    for memory in ("auto", None):
+        model, _ = tiny_peft("llama")
+        rep = gradlora.initialize(
+            model,
+            iter(batches),
+            num_batches=3,
+            progress=False,
+            gradient="sketch",
+            sketch_memory=memory,
+        )
+        assert rep.num_batches == 3
+        assert rep.gradient_options["memory"] == (expected if memory == "auto" else None)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    fresh, _ = tiny_peft("llama")
+    with pytest.raises(gradlora.GradLoraError, match="sketch_memory must be 'auto'"):
+        gradlora.initialize(fresh, batches, gradient="sketch", sketch_memory="half")

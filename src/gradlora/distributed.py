@@ -181,6 +181,14 @@ def all_reduce_sum(tensors: Sequence[Tensor], group: Any = None) -> None:
         work.wait()
 
 
+def all_reduce_min(value: int, device: torch.device, group: Any = None) -> int:
+    """The smallest of the ranks' ``value`` (every rank gets it); ``device``: where the
+    backend communicates (the model's device: cuda for NCCL)."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return int(t.item())
+
+
 def make_reduce(group: Any = None):
     """capture's ``reduce`` hook for ``group``: ``lambda tensors: all_reduce_sum(tensors, group)``."""
 

@@ -4,13 +4,14 @@ with a report of what it cost (docs/algorithms.md, sections 1-3)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from peft import PeftModel
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed as dist_
@@ -20,7 +21,7 @@ from .inits import check_rank, init_from_gradient, init_from_svd, make_method
 from .meter import PhaseCost, measure
 from .portable_save import install_portable_save
 from .precision import math_dtype
-from .sketch import check_sketch_options, choose_gradient, sketch_svds
+from .sketch import check_sketch_options, choose_gradient, sketch_svds, step_activation_bytes
 from .targets import LoraTarget, check_gradient_flows, find_layers, unwrap
 from .write import resolve_offset, write_factors
 
@@ -79,7 +80,7 @@ def initialize(
     offset: str = "auto",
     sketch_passes: int = 1,
     sketch_oversample: int | None = None,
-    sketch_memory: int | None = None,
+    sketch_memory: int | str | None = "auto",
     distributed: bool | None = None,
     process_group: Any = None,
     skip_unsupported: bool = False,
@@ -109,11 +110,15 @@ def initialize(
     sketch, about one plain pass; 2: range finder plus exact projection; more: power
     iterations, each one more pass); sketch width s = k + ``sketch_oversample`` (default 7k, so
     s = 8k; k = 2r for LoRA-GA, r for LoRA-One), memory about 3 (m + n) s floats per layer.
-    ``sketch_memory`` (bytes; None, the default: no limit) caps what those buffers take in one
-    pass: the layers are then sketched in groups (model order), one group per pass over the same
-    batches (kept in memory), each group reduced to its top triplets before the next: the same
-    result, the capture time about once per group (less for groups of upper layers). Set it where
-    the sketches (not the activations) would push the init past the memory a training step needs.
+    ``sketch_memory`` (bytes; None: no limit) caps what those buffers take in one pass: the
+    layers are then sketched in groups (model order), one group per pass over the same batches
+    (kept in memory), each group reduced to its top triplets before the next: the same result,
+    the capture time about once per group (less for groups of upper layers). "auto" (default)
+    caps them at what a training step on the first batch keeps for these layers' backward
+    (``sketch.step_activation_bytes``: 4 bytes x tokens x sum of (m + n); the smallest over the
+    ranks), so the init fits wherever training on these batches fits; one group whenever the
+    batch has more tokens than the sketch is wide (about 8k), no cap if the batch has no
+    token ids.
     gradient="auto" (the default) is "exact" while the fp32 accumulators take at most 1 GiB
     (about 268M adapted weights) and "sketch" above: measured on MiniLM, exact is exact and no
     slower at that size, while the single-pass sketch at s = 8k captures a median 0.99 (min
@@ -182,6 +187,8 @@ def initialize(
 
     with measure(device) as capture_cost:
         reduce = dist_.make_reduce(process_group) if sync else None
+        if mode == "sketch" and sketch_memory == "auto":
+            sketch_memory, batches = _auto_sketch_memory(targets, batches, sync, process_group)
         if mode == "sketch":
             accs, used = sketch_svds(
                 model,
@@ -309,3 +316,18 @@ def _check_before_write(
         )
     check_sketch_options(passes, oversample, memory)
     return choose_gradient(gradient, targets)
+
+
+def _auto_sketch_memory(targets, batches, sync: bool, group: Any):
+    """(``sketch_memory="auto"``'s byte cap or None, the batches with the peeked one back)."""
+    if isinstance(batches, Mapping | Tensor):
+        first = batches
+    else:
+        it = iter(batches)
+        first = next(it, None)
+        batches = batches if first is None else itertools.chain([first], it)
+    cap = None if first is None else step_activation_bytes(targets, first)
+    if sync:  # every rank must group the layers alike: the smallest cap, -1 for "none"
+        cap = dist_.all_reduce_min(-1 if cap is None else cap, targets[0].weight.device, group)
+        cap = None if cap < 0 else cap
+    return cap, batches

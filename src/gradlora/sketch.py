@@ -107,14 +107,26 @@ def sketch_groups(
     return groups
 
 
+def step_activation_bytes(targets: list[LoraTarget], batch: Any) -> int | None:
+    """What a training step on ``batch`` keeps for the targets' backward, at the least: 4 bytes
+    x tokens x sum over targets of (m + n) (each layer's input and output gradient per token).
+    Tokens: ``batch["input_ids"]``'s element count, or an integer tensor's; None if unknown.
+    ``sketch_memory="auto"`` caps the sketch buffers at this, so the sketch holds no more than
+    the training step it prepares."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex():
+        return None
+    return 4 * ids.numel() * sum(m + n for m, n in (t.shape for t in targets))
+
+
 def check_sketch_options(passes: Any, oversample: Any, memory: Any = None) -> None:
     """Refuse bad ``sketch_passes`` / ``sketch_oversample`` / ``sketch_memory`` values."""
-    if memory is not None and (
+    if memory not in (None, "auto") and (
         not isinstance(memory, int) or isinstance(memory, bool) or memory < 1
     ):
         raise GradLoraError(
-            f"sketch_memory must be None (one pass sketches every layer) or a number of bytes "
-            f">= 1, got {memory!r}"
+            f"sketch_memory must be 'auto', None (one pass sketches every layer) or a number of "
+            f"bytes >= 1, got {memory!r}"
         )
     if not isinstance(passes, int) or isinstance(passes, bool) or passes < 1:
         raise GradLoraError(f"sketch_passes must be a positive integer, got {passes!r}")
