@@ -12,7 +12,9 @@ cd "$(dirname "$0")/.."
 GRADLORA=${GRADLORA:-.venv/bin/gradlora}
 METHODS=full,lora,lora-ga,lora-ga-matched,lora-one,lora-pro,peft-lora-ga,peft-riemannian
 # LoRA-like methods share one grid; the gamma-16 LoRA-GA inits (ours and peft's) move W ~3x
-# as far per unit of rate at their first step, so their grid sits 4x lower.
+# as far per unit of rate at their first step, so their grid sits 4x lower. Full fine-tuning's
+# grids were widened by one rate where the first sweep found its best at the top (MiniLM 2e-4,
+# Hamlet 1e-4).
 lrs() {
   local low=$1 high=$2 full=$3
   echo --lrs "full=$full" \
@@ -25,12 +27,12 @@ for task in ${@:-a b c}; do
   a) # MiniLM / Rotten Tomatoes: 100 steps of 16 x 64 tokens
     $GRADLORA bench --model minilm --data rotten-tomatoes --steps 100 --batch-size 16 \
       --max-length 64 --methods $METHODS --seeds 0,1,2 --no-progress \
-      $(lrs 5e-5,1e-4,2e-4,5e-4,1e-3 2e-4,5e-4,1e-3,2e-3,5e-3 2e-5,5e-5,1e-4,2e-4) \
+      $(lrs 5e-5,1e-4,2e-4,5e-4,1e-3 2e-4,5e-4,1e-3,2e-3,5e-3 2e-5,5e-5,1e-4,2e-4,5e-4) \
       --out benchmarks/results/lr-minilm ;;
   b) # SmolLM2-135M / Hamlet: 40 steps of 8 chunks x 32 tokens
     $GRADLORA bench --model smollm2 --data hamlet --steps 40 --batch-size 8 --max-length 32 \
       --val-size 96 --test-size 96 --methods $METHODS --seeds 0,1,2 --no-progress \
-      $(lrs 2e-5,5e-5,1e-4,2e-4,5e-4 1e-4,2e-4,5e-4,1e-3,2e-3 1e-5,3e-5,1e-4) \
+      $(lrs 2e-5,5e-5,1e-4,2e-4,5e-4 1e-4,2e-4,5e-4,1e-3,2e-3 1e-5,3e-5,1e-4,3e-4) \
       --out benchmarks/results/lr-smollm2-hamlet ;;
   c) # SmolLM2-135M / arithmetic word problems, scored by exact match of greedy generations
     $GRADLORA bench --model smollm2 --data arithmetic --steps 32 --batch-size 8 --max-length 96 \
