@@ -115,3 +115,83 @@ def test_arithmetic_task_splits_carry_answers():
     with pytest.raises(GradLoraError, match="minilm is an encoder"):
         load_task("minilm", "arithmetic")
     assert isinstance(task.splits["train"], TextData)
+
+
+def test_greedy_matches_is_greedy_decoding():
+    """greedy_matches (one teacher-forced forward) says True exactly where greedy generation
+    writes the labelled tokens: checked against generate() on a tiny random Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gradlora.cli.loop import greedy_matches
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    model = LlamaForCausalLM(config).eval()
+    prompt = torch.randint(2, 50, (4, 6))
+    greedy = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=5,
+        min_new_tokens=5,
+        do_sample=False,
+        pad_token_id=0,
+    )[:, 6:]
+    answers = greedy.clone()
+    answers[1, 2] = (answers[1, 2] + 1 - 2) % 48 + 2  # one token off: not what greedy writes
+    answers[3, 4] = (answers[3, 4] + 1 - 2) % 48 + 2
+    ids = torch.cat([prompt, answers], dim=1)
+    labels = torch.cat([torch.full_like(prompt, -100), answers], dim=1)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    model.train()
+    assert greedy_matches(model, [batch]) == [True, False, True, False]
+    assert model.training
+
+
+def test_exact_match_generates_only_the_unknown_rows(tokenizer):
+    data = make_problems(4)
+    replies = {p: " So 100000" for p in data.texts}  # every generation is wrong
+    model = Answers(tokenizer, replies)
+    known = [True, False, True, True]
+    got = exact_match(model, tokenizer, data.texts, data.answers, final_answer, known=known)
+    assert got == 0.75 and model.padding_seen == ["left"]  # one batch: only row 1 generated
+
+
+def test_bench_scores_arithmetic_by_answer_and_final_number(tmp_path):
+    from gradlora.cli.bench import Bench
+    from gradlora.cli.config import BenchConfig
+
+    cfg = BenchConfig(
+        model="smollm2",
+        data="arithmetic",
+        methods=["lora"],
+        lrs={"lora": [1e-3]},
+        steps=4,
+        batch_size=2,
+        max_length=96,
+        val_size=4,
+        test_size=4,
+        num_layers=1,
+        init_batches=1,
+        progress=False,
+        device="cpu",
+    )
+    results = Bench(cfg, tmp_path, log=lambda s: None).run()
+    run = results["runs"][0]
+    assert 0 <= run["test"]["answer_match"] <= run["test"]["exact_match"] <= 1
+    assert sorted(run["budgets"], key=int) == ["1", "2"]
+    assert all(
+        "answer_match" in b["test"] and "exact_match" not in b["test"]
+        for b in run["budgets"].values()
+    )
+    assert results["test_metric"] == "exact_match"
+    assert sorted(results["methods"]["lora"]["at_budgets"], key=int) == ["1", "2", "4"]
+    assert "test answer_match @4" in (tmp_path / "table.md").read_text()

@@ -106,13 +106,20 @@ class Bench:
             {max(1, round(f * self.cfg.steps)) for f in BUDGET_FRACTIONS} - {self.cfg.steps}
         )
 
-    def evaluate(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
-        """Validation and test loss (accuracy for classifiers); the test split's exact match of
-        greedy generations for a task with answers (``arithmetic``)."""
+    def evaluate(self, model: torch.nn.Module, final: bool = True) -> dict[str, dict[str, float]]:
+        """Validation and test loss (accuracy for classifiers). For a task with answers
+        (``arithmetic``), on the test split: ``answer_match``, the share whose greedy decoding
+        writes the worked answer itself (one forward), and at the end of a run (``final``)
+        ``exact_match``, the share whose greedy decoding ends in the right final number (by
+        generation, only for the examples that do not write the worked answer itself)."""
         out = {"val": loop.evaluate(model, self.val_batches)}
         out["test"] = loop.evaluate(model, self.test_batches)
         test = self.task.splits["test"]
-        if test.answers is not None:
+        if test.answers is None:
+            return out
+        matches = loop.greedy_matches(model, self.test_batches)
+        out["test"]["answer_match"] = sum(matches) / len(matches)
+        if final:
             tokenizer = self.task.tokenizer
             longest = max(
                 len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in test.answers
@@ -125,6 +132,7 @@ class Bench:
                 self.task.final_answer,
                 batch_size=64,
                 max_new_tokens=longest + 2,  # the longest worked answer, its EOS and one more
+                known=matches,
             )
         return out
 
@@ -195,7 +203,7 @@ class Bench:
                 nonlocal eval_seconds
                 if step in self.budget_steps:
                     start = time.perf_counter()
-                    budgets[str(step)] = self.evaluate(model)
+                    budgets[str(step)] = self.evaluate(model, final=False)
                     eval_seconds += time.perf_counter() - start
 
             torch.manual_seed(seed + 2)  # identical dropout draws for every method

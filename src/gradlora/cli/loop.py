@@ -122,6 +122,29 @@ def evaluate(model: nn.Module, batches: Sequence[dict[str, Any]]) -> dict[str, f
 
 
 @torch.no_grad()
+def greedy_matches(model: nn.Module, batches: Sequence[dict[str, Any]]) -> list[bool]:
+    """Per example of causal-LM ``batches`` (answer-only labels): whether greedy decoding from
+    its prompt writes exactly its labelled answer and EOS. One teacher-forced forward: greedy
+    decoding follows the reference as long as each next token's argmax, given the reference
+    prefix, is the reference token, so it writes the reference iff every labelled position's
+    argmax is its label (up to floating-point ties between the two computations)."""
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    out: list[bool] = []
+    try:
+        for batch in batches:
+            batch = move_to(batch, device)
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            labels = batch["labels"][:, 1:]
+            hit = (logits[:, :-1].argmax(-1) == labels) | (labels == -100)
+            out += hit.all(dim=1).tolist()
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
 def exact_match(
     model: nn.Module,
     tokenizer: Any,
@@ -130,14 +153,20 @@ def exact_match(
     final: Callable[[str], int | None],
     batch_size: int = 32,
     max_new_tokens: int = 40,
+    known: Sequence[bool] | None = None,
 ) -> float:
     """Share of ``prompts`` whose greedy continuation (up to ``max_new_tokens`` or EOS) has the
-    final answer of the reference answer: ``final(text)`` extracts it (None counts as wrong)."""
+    final answer of the reference answer: ``final(text)`` extracts it (None counts as wrong).
+    ``known[i]`` True (``greedy_matches``: greedy decoding writes the reference itself) counts
+    example i right without generating it."""
+    done = [bool(k) for k in known] if known is not None else [False] * len(prompts)
+    rest = [i for i, k in enumerate(done) if not k]
+    prompts, answers = [prompts[i] for i in rest], [answers[i] for i in rest]
+    correct = len(done) - len(rest)
     device = _device(model)
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # generation continues every row from its last token
-    correct = 0
     try:
         for start in range(0, len(prompts), batch_size):
             enc = tokenizer(
@@ -161,7 +190,7 @@ def exact_match(
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return correct / len(prompts)
+    return correct / len(done)
 
 
 def smooth(values: Sequence[float], window: int = 20) -> list[float]:

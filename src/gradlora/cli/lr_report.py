@@ -21,6 +21,12 @@ def test_metric(runs: list[dict[str, Any]]) -> tuple[str, bool]:
     return "loss", False
 
 
+def budget_metric(metric: str) -> str:
+    """The test score measured at every step budget: ``answer_match`` (one forward) where the
+    lead score is ``exact_match`` (by generation, at the end only), else the lead score."""
+    return "answer_match" if metric == "exact_match" else metric
+
+
 def _stat(values: list[float]) -> dict[str, float]:
     return {
         "mean": statistics.fmean(values),
@@ -47,13 +53,11 @@ def at_budgets(at_best: list[dict[str, Any]], steps: int, metric: str) -> dict[s
 
 
 def sweep_points(sweep: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Per rate of a method's sweep: validation loss and the test score (None if diverged)."""
+    """Per rate of a method's sweep: validation loss and the test scores (None if diverged)."""
+    names = dict.fromkeys([metric, budget_metric(metric)])
     return [
-        {
-            "lr": r["lr"],
-            "val_loss": r["val"].get("loss") if r["val"] else None,
-            f"test_{metric}": r["test"].get(metric) if r["test"] else None,
-        }
+        {"lr": r["lr"], "val_loss": r["val"].get("loss") if r["val"] else None}
+        | {f"test_{m}": r["test"].get(m) if r["test"] else None for m in names}
         for r in sweep
     ]
 
@@ -68,7 +72,7 @@ def _fmt(stat: dict[str, float] | None, scale: float = 1.0, digits: int = 3) -> 
 def budget_table(results: dict[str, Any]) -> list[str]:
     """Markdown lines: every method at its best rate, validation loss and the test score at
     each step budget (mean ± std over seeds)."""
-    metric = results.get("test_metric", "loss")
+    metric = budget_metric(results.get("test_metric", "loss"))
     rows = {name: m.get("at_budgets", {}) for name, m in results["methods"].items()}
     steps = sorted({s for r in rows.values() for s in r}, key=int)
     if not steps:

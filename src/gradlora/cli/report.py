@@ -15,7 +15,14 @@ import torch
 from ..atomic import atomic_write, write_json, write_text
 from .config import BenchConfig
 from .loop import first_step_at_or_below, smooth
-from .lr_report import at_budgets, budget_table, plot_lr, sweep_points, test_metric
+from .lr_report import (
+    at_budgets,
+    budget_metric,
+    budget_table,
+    plot_lr,
+    sweep_points,
+    test_metric,
+)
 from .recipes import RECIPES
 from .tasks import CLASSIFICATION, Task
 
@@ -105,11 +112,11 @@ def summarize(
             ]
             entry["loss_at"] = {str(b): _stat([c[b - 1] for c in curves]) for b in budgets}
             for split in ("val", "test"):
-                for name in ("loss", "accuracy", "exact_match"):
+                for name in ("loss", "accuracy", "exact_match", "answer_match"):
                     vals = [r[split][name] for r in at_best if name in r[split]]
                     if vals:
                         entry[f"{split}_{name}"] = _stat(vals)
-            entry["at_budgets"] = at_budgets(at_best, cfg.steps, metric)
+            entry["at_budgets"] = at_budgets(at_best, cfg.steps, budget_metric(metric))
             for k in ("init_seconds", "train_seconds"):
                 entry[k] = _stat([r[k] for r in at_best])
             entry["wall_seconds"] = _stat([r["init_seconds"] + r["train_seconds"] for r in at_best])
