@@ -131,11 +131,16 @@ def goals(facts: dict[str, dict]) -> list[str]:
     lines = ["## Goals of issue 15", ""]
     if not done:
         return lines + ["No finished sweep yet.", ""]
-    g1 = {t: f["at_lora_rate"].get("lora-ga-matched") for t, f in done.items()}
+    complete = len(done) == len(TASKS) and all(
+        m in f["final"] for f in done.values() for m in ["lora", *OURS, *PEERS.values()]
+    )
+    state = "" if complete else " [sweeps not finished: provisional]"
+    g1 = {t: f["at_lora_rate"].get("lora-ga-matched", "pending") for t, f in done.items()}
     ok1 = all(v in ("better", "tie") for v in g1.values())
     lines.append(
         f"1. LoRA-GA (matched) at LoRA's best rate no worse than LoRA beyond the seed spread: "
-        f"{'met' if ok1 else 'not met'} ({', '.join(f'{t}: {v}' for t, v in g1.items())})."
+        f"{'met' if ok1 else 'not met'}{state} "
+        f"({', '.join(f'{t}: {v}' for t, v in g1.items())})."
     )
     wins = {}
     for t, f in done.items():
@@ -150,7 +155,7 @@ def goals(facts: dict[str, dict]) -> list[str]:
     ok2 = sum(bool(w) for w in wins.values()) >= 2
     lines.append(
         "2. A gradlora method beats LoRA beyond the spread at 25% and 50% and is not behind at "
-        f"100%, on at least two tasks: {'met' if ok2 else 'not met'} "
+        f"100%, on at least two tasks: {'met' if ok2 else 'not met'}{state} "
         "(" + ", ".join(f"{t}: {w or 'none'}" for t, w in wins.items()) + ")."
     )
     for ours, peer in PEERS.items():
@@ -162,7 +167,7 @@ def goals(facts: dict[str, dict]) -> list[str]:
         ok3 = bool(verdicts) and all(v != "worse" for v in verdicts.values())
         lines.append(
             f"3. {ours} >= {peer} at their best rates, end of training: "
-            f"{'met' if ok3 else 'not met'} ("
+            f"{'met' if ok3 else 'not met'}{state} ("
             + ", ".join(f"{t}: {v}" for t, v in verdicts.items())
             + ")."
         )
