@@ -90,6 +90,11 @@ class Bench:
         eval_bs = eval_batch_size(self.task.kind, cfg.batch_size)
         self.val_batches = self.task.eval_batches("val", cfg.max_length, eval_bs)
         self.test_batches = self.task.eval_batches("test", cfg.max_length, eval_bs)
+        answers, tokenizer = self.task.splits["test"].answers, self.task.tokenizer
+        self._longest_answer = max(  # in tokens: the generation budget of exact_match
+            (len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers or []),
+            default=0,
+        )
         self._train_batches: dict[int, list] = {}
         self.runs: list[dict[str, Any]] = []  # every run of the current config, in order
         self.failed: list[dict[str, Any]] = []  # runs that raised (not stored: retried next time)
@@ -113,25 +118,21 @@ class Bench:
         ``exact_match``, the share whose greedy decoding ends in the right final number (by
         generation, only for the examples that do not write the worked answer itself)."""
         out = {"val": loop.evaluate(model, self.val_batches)}
-        out["test"] = loop.evaluate(model, self.test_batches)
+        matches: list[bool] = []
+        out["test"] = loop.evaluate(model, self.test_batches, matches=matches)
         test = self.task.splits["test"]
         if test.answers is None:
             return out
-        matches = loop.greedy_matches(model, self.test_batches)
         out["test"]["answer_match"] = sum(matches) / len(matches)
         if final:
-            tokenizer = self.task.tokenizer
-            longest = max(
-                len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in test.answers
-            )
             out["test"]["exact_match"] = loop.exact_match(
                 model,
-                tokenizer,
+                self.task.tokenizer,
                 test.texts,
                 test.answers,
                 self.task.final_answer,
                 batch_size=64,
-                max_new_tokens=longest + 2,  # the longest worked answer, its EOS and one more
+                max_new_tokens=self._longest_answer + 2,  # its EOS and one more
                 known=matches,
             )
         return out

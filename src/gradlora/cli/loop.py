@@ -99,48 +99,52 @@ def train(
     return result
 
 
+def _greedy_hits(logits: torch.Tensor, labels: torch.Tensor) -> list[bool]:
+    """Per row of causal-LM ``logits`` (B, T, V) and answer-only ``labels`` (B, T): whether
+    every labelled position's argmax, given the reference prefix, is its label."""
+    labels = labels[:, 1:]
+    hit = (logits[:, :-1].argmax(-1) == labels) | (labels == -100)
+    return hit.all(dim=1).tolist()
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Mean loss and, for classifiers (1-D labels), accuracy over ``batches``."""
+def evaluate(
+    model: nn.Module, batches: Sequence[dict[str, Any]], matches: list[bool] | None = None
+) -> dict[str, float]:
+    """Mean loss and, for classifiers (1-D labels), accuracy over ``batches``. For causal-LM
+    batches with answer-only labels, a list passed as ``matches`` is extended, per example,
+    with ``greedy_matches``'s verdict, read from the same forward."""
     device = _device(model)
     was_training = model.training
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
-    for batch in batches:
-        batch = move_to(batch, device)
-        out = model(**batch)
-        n = batch["labels"].shape[0]
-        total_loss += out.loss.item() * n
-        if batch["labels"].ndim == 1:
-            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
-        count += n
-    model.train(was_training)
+    try:
+        for batch in batches:
+            batch = move_to(batch, device)
+            out = model(**batch)
+            n = batch["labels"].shape[0]
+            total_loss += out.loss.item() * n
+            if batch["labels"].ndim == 1:
+                correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+            elif matches is not None:
+                matches += _greedy_hits(out.logits, batch["labels"])
+            count += n
+    finally:
+        model.train(was_training)
     metrics = {"loss": total_loss / count}
     if batches[0]["labels"].ndim == 1:
         metrics["accuracy"] = correct / count
     return metrics
 
 
-@torch.no_grad()
 def greedy_matches(model: nn.Module, batches: Sequence[dict[str, Any]]) -> list[bool]:
     """Per example of causal-LM ``batches`` (answer-only labels): whether greedy decoding from
     its prompt writes exactly its labelled answer and EOS. One teacher-forced forward: greedy
     decoding follows the reference as long as each next token's argmax, given the reference
     prefix, is the reference token, so it writes the reference iff every labelled position's
     argmax is its label (up to floating-point ties between the two computations)."""
-    device = _device(model)
-    was_training = model.training
-    model.eval()
     out: list[bool] = []
-    try:
-        for batch in batches:
-            batch = move_to(batch, device)
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            labels = batch["labels"][:, 1:]
-            hit = (logits[:, :-1].argmax(-1) == labels) | (labels == -100)
-            out += hit.all(dim=1).tolist()
-    finally:
-        model.train(was_training)
+    evaluate(model, batches, matches=out)
     return out
 
 
