@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -20,6 +21,13 @@ TASKS = {
     "SmolLM2 / Hamlet": "lr-smollm2-hamlet",
     "SmolLM2 / arithmetic": "lr-smollm2-arithmetic",
 }
+KINDS = {  # task kind (the recipes' default rates are per kind) -> its tasks
+    "classification": ["MiniLM / Rotten Tomatoes"],
+    "causal-lm": ["SmolLM2 / Hamlet", "SmolLM2 / arithmetic"],
+}
+SWEPT = ["full", "lora", "lora-ga", "lora-ga-matched", "lora-one", "lora-pro"]
+SWEPT += ["peft-lora-ga", "peft-riemannian"]
+SEEDS = 3  # at each method's best rate
 OURS = ["lora-ga", "lora-ga-matched", "lora-one", "lora-pro"]
 PEERS = {"lora-ga": "peft-lora-ga", "lora-one": "peft-riemannian"}
 
@@ -126,6 +134,63 @@ def task_report(name: str, results: dict) -> tuple[list[str], dict]:
     return lines, facts
 
 
+def complete(results: dict | None) -> bool:
+    """Whether every method of the sweep has its best rate and all its seeds there."""
+    if results is None:
+        return False
+    methods = results["methods"]
+    for m in SWEPT:
+        budgets = methods.get(m, {}).get("at_budgets", {})
+        if not budgets or budgets[max(budgets, key=int)]["val_loss"]["n"] < SEEDS:
+            return False
+    return True
+
+
+def on_ladder(lr: float) -> float:
+    """The nearest rate (in log scale) of the 1-2-5 ladder: ..., 1e-4, 2e-4, 5e-4, 1e-3, ..."""
+    exp = math.floor(math.log10(lr))
+    options = [c * 10.0**e for e in (exp - 1, exp, exp + 1) for c in (1, 2, 5)]
+    return float(f"{min(options, key=lambda x: abs(math.log(x / lr))):.0e}")
+
+
+def default_rates(all_results: dict[str, dict | None]) -> dict:
+    """Per task kind: each method's default rate for ``gradlora methods`` (the geometric mean
+    of its best rates over the kind's tasks, on the 1-2-5 ladder), and whether every sweep of
+    the kind is complete (only then are the recipes' defaults held to it, by a test)."""
+    out = {}
+    for kind, tasks in KINDS.items():
+        rates = {}
+        for m in SWEPT:
+            best = [
+                r["methods"][m]["best_lr"]
+                for t in tasks
+                if (r := all_results.get(t)) and r["methods"].get(m, {}).get("best_lr")
+            ]
+            if len(best) == len(tasks):
+                rates[m] = on_ladder(math.exp(sum(map(math.log, best)) / len(best)))
+        done = all(complete(all_results.get(t)) for t in tasks)
+        out[kind] = {"complete": done, "rates": rates}
+    return out
+
+
+def rates_section(rates: dict) -> list[str]:
+    lines = [
+        "## Default rates (`gradlora methods`)",
+        "",
+        "Each method's best validation rate, as a geometric mean over the tasks of its kind, on the",
+        "1-2-5 ladder; `src/gradlora/cli/recipes.py` holds these once the kind's sweeps are",
+        "complete (tests/test_recipes_rates.py checks it).",
+        "",
+        "| method | " + " | ".join(rates) + " |",
+        "|---|" + "---|" * len(rates),
+    ]
+    for m in SWEPT:
+        cells = [f"{rates[k]['rates'][m]:g}" if m in rates[k]["rates"] else "-" for k in rates]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    state = [f"{k}: {'complete' if v['complete'] else 'provisional'}" for k, v in rates.items()]
+    return lines + ["", "(" + ", ".join(state) + ")", ""]
+
+
 def goals(facts: dict[str, dict]) -> list[str]:
     done = {t: f for t, f in facts.items() if "steps" in f}
     lines = ["## Goals of issue 15", ""]
@@ -179,17 +244,19 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "which_method"))
     args = parser.parse_args()
     lines = ["# Which method when (benchmarks/which_method.py)", ""]
-    facts = {}
+    facts, all_results = {}, {}
     for name, folder in TASKS.items():
-        results = load(folder)
+        results = all_results[name] = load(folder)
         if results is None:
             lines += [f"### {name}", "", f"No results yet in benchmarks/results/{folder}.", ""]
             continue
         part, facts[name] = task_report(name, results)
         lines += part
     lines += goals(facts)
+    rates = default_rates(all_results)
+    lines += rates_section(rates)
     Path(args.out + ".md").write_text("\n".join(lines))
-    Path(args.out + ".json").write_text(json.dumps(facts, indent=1))
+    Path(args.out + ".json").write_text(json.dumps(facts | {"default_rates": rates}, indent=1))
     print("\n".join(lines))
 
 
