@@ -20,25 +20,19 @@ equal rank with one batched ``eigh`` per Gram matrix, and is what the optimizer 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
 from ..errors import GradLoraError
 from ..precision import math_dtype
 from ..sharding import full, gather_rows, local, local_part, local_rows, sum_over_shards
-from .adamw import adam_direction_, adamw_foreach_, check_hyperparameters
+from .adamw import adam_direction_, adamw_foreach_
 from .gram import damped_eigh, inverse_from_eigh, solve_sylvester_psd
-from .pairing import (
-    check_pair_group,
-    group_by_rank,
-    pair_param_groups,
-    require_pair_groups,
-    split_trainable,
-)
+from .pair_adamw import PairAdamW
+from .pairing import group_by_rank, pair_param_groups, split_trainable
 
 log = logging.getLogger("gradlora")
 MODES = ("efficient", "full")
@@ -124,7 +118,7 @@ class PairBatch:
         return torch.addmm(left @ A, B, B_inv @ g_A).div_(self.s[i])
 
 
-class LoraProAdamW(Optimizer):
+class LoraProAdamW(PairAdamW):
     """AdamW on LoRA-Pro's adjusted gradients (``lora_pairs`` groups) and plain AdamW elsewhere.
 
     A ``lora_pairs=True`` group lists A1, B1, A2, B2, ... and ``scalings`` (s per pair); build it
@@ -134,6 +128,8 @@ class LoraProAdamW(Optimizer):
     (s Bᵀ D, s D Aᵀ) and adjusted again; A -= lr D_A', B -= lr D_B'. Weight decay is decoupled
     and applies to A and B. ``.grad`` is never modified; the state holds tensors and numbers.
     """
+
+    method, factory = "lora-pro", "create_lora_pro_optimizer"
 
     def __init__(
         self,
@@ -146,50 +142,19 @@ class LoraProAdamW(Optimizer):
         mode: str = "efficient",
         bias_correction: bool = True,
     ):
-        check_hyperparameters(lr, betas, damping)
         if mode not in MODES:
             raise GradLoraError(f"unknown LoRA-Pro mode {mode!r}; choose 'efficient' or 'full'")
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            damping=damping,
-            mode=mode,
-            bias_correction=bias_correction,
-            lora_pairs=False,
-            scalings=None,
+        super().__init__(
+            params, lr, betas, eps, weight_decay, damping, bias_correction, mode=mode, scalings=None
         )
-        super().__init__(require_pair_groups(params, "LoraProAdamW", "lora-pro"), defaults)
-        for group in self.param_groups:
-            if group["lora_pairs"]:
-                _check_group(group)
 
-    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
-        keys = ("lr", "betas", "eps", "weight_decay", "bias_correction")
-        return {k: group[k] for k in keys}
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            if group["lora_pairs"]:
-                self._step_pairs(group)
-                continue
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    raise GradLoraError("LoraProAdamW does not support sparse gradients")
-            adamw_foreach_(
-                params,
-                [p.grad for p in params],
-                [self.state[p] for p in params],
-                **self._hyper(group),
+    def _check_pair_group(self, group: dict[str, Any]) -> None:
+        super()._check_pair_group(group)
+        if group["scalings"] is None or len(group["scalings"]) != len(group["params"]) // 2:
+            raise GradLoraError(
+                "a lora_pairs group needs 'scalings', one LoRA scaling s per (A, B) pair; build "
+                "the optimizer with create_lora_pro_optimizer(model, ...)"
             )
-        return loss
 
     def _step_pairs(self, group: dict[str, Any]) -> None:
         params = group["params"]
@@ -253,16 +218,6 @@ def _whole_grad(p: Tensor) -> Tensor:
     if p.grad is None:
         return torch.zeros(p.shape, dtype=p.dtype, device=local(p).device)
     return full(p.grad)
-
-
-def _check_group(group: dict[str, Any]) -> None:
-    params, scalings = group["params"], group["scalings"]
-    check_pair_group(params, "create_lora_pro_optimizer")
-    if scalings is None or len(scalings) != len(params) // 2:
-        raise GradLoraError(
-            "a lora_pairs group needs 'scalings', one LoRA scaling s per (A, B) pair; build the "
-            "optimizer with create_lora_pro_optimizer(model, ...)"
-        )
 
 
 def create_lora_pro_optimizer(

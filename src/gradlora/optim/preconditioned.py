@@ -8,25 +8,16 @@ Parameters outside a pair (heads, biases) get plain AdamW in the same optimizer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
-from ..errors import GradLoraError
 from ..precision import math_dtype
 from ..sharding import full, local, local_part, require_row_layout
-from .adamw import adamw_foreach_, check_hyperparameters
 from .gram import damped_inverse, gram_inverses
-from .pairing import (
-    check_pair_group,
-    group_by_rank,
-    pair_param_groups,
-    require_pair_groups,
-    split_trainable,
-)
+from .pair_adamw import PairAdamW
+from .pairing import group_by_rank, pair_param_groups, split_trainable
 
 
 def precondition(
@@ -49,13 +40,15 @@ def precondition(
     return out_A, out_B
 
 
-class PreconditionedAdamW(Optimizer):
+class PreconditionedAdamW(PairAdamW):
     """AdamW whose ``lora_pairs`` groups precondition each (A, B) pair before the moments.
 
     A group with ``lora_pairs=True`` lists its parameters as A1, B1, A2, B2, ... (use
     ``create_preconditioned_optimizer`` to build it from a PeftModel's structure); other groups
     are plain AdamW. ``.grad`` is never modified. The state dict holds only tensors and numbers.
     """
+
+    method, factory = "preconditioned", "create_preconditioned_optimizer"
 
     def __init__(
         self,
@@ -67,65 +60,28 @@ class PreconditionedAdamW(Optimizer):
         damping: float = 1e-6,
         bias_correction: bool = True,
     ):
-        check_hyperparameters(lr, betas, damping)
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            damping=damping,
-            bias_correction=bias_correction,
-            lora_pairs=False,
-        )
-        super().__init__(
-            require_pair_groups(params, "PreconditionedAdamW", "preconditioned"), defaults
-        )
-        for group in self.param_groups:
-            if group["lora_pairs"]:
-                check_pair_group(group["params"], "create_preconditioned_optimizer")
+        super().__init__(params, lr, betas, eps, weight_decay, damping, bias_correction)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads = [], []
-            if group["lora_pairs"]:
-                for idx in group_by_rank(group["params"]):
-                    As = [group["params"][2 * i] for i in idx]
-                    Bs = [group["params"][2 * i + 1] for i in idx]
-                    # FSDP2: the Gram matrices from whole (gathered) A and B; ĝ_A from the whole
-                    # g_A, cut to this rank's shard; ĝ_B row by row from the local rows of g_B
-                    damping = group["damping"]
-                    B_inv = gram_inverses([full(B) for B in Bs], left=True, damping=damping)
-                    A_inv = gram_inverses([full(A) for A in As], left=False, damping=damping)
-                    for k, (A, B) in enumerate(zip(As, Bs, strict=True)):
-                        if A.grad is not None:
-                            params.append(A)
-                            g = B_inv[k] @ full(A.grad).to(B_inv.dtype)
-                            grads.append(local_part(g, A))
-                        if B.grad is not None:
-                            params.append(B)
-                            require_row_layout(B)
-                            grads.append(local(B.grad).to(A_inv.dtype) @ A_inv[k])
-            else:
-                params = [p for p in group["params"] if p.grad is not None]
-                grads = [p.grad for p in params]
-            if any(g.is_sparse for g in grads):
-                raise GradLoraError("PreconditionedAdamW does not support sparse gradients")
-            adamw_foreach_(
-                params,
-                grads,
-                [self.state[p] for p in params],
-                lr=group["lr"],
-                betas=group["betas"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                bias_correction=group["bias_correction"],
-            )
-        return loss
+    def _step_pairs(self, group: dict[str, Any]) -> None:
+        params, grads = [], []
+        for idx in group_by_rank(group["params"]):
+            As = [group["params"][2 * i] for i in idx]
+            Bs = [group["params"][2 * i + 1] for i in idx]
+            # FSDP2: the Gram matrices from whole (gathered) A and B; ĝ_A from the whole
+            # g_A, cut to this rank's shard; ĝ_B row by row from the local rows of g_B
+            damping = group["damping"]
+            B_inv = gram_inverses([full(B) for B in Bs], left=True, damping=damping)
+            A_inv = gram_inverses([full(A) for A in As], left=False, damping=damping)
+            for k, (A, B) in enumerate(zip(As, Bs, strict=True)):
+                if A.grad is not None:
+                    params.append(A)
+                    g = B_inv[k] @ full(A.grad).to(B_inv.dtype)
+                    grads.append(local_part(g, A))
+                if B.grad is not None:
+                    params.append(B)
+                    require_row_layout(B)
+                    grads.append(local(B.grad).to(A_inv.dtype) @ A_inv[k])
+        self._adamw(group, params, grads)
 
 
 def create_preconditioned_optimizer(
