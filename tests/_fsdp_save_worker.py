@@ -13,15 +13,14 @@ Each rank writes OUT/rank{r}.pt and exits non-zero on a failed check.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
-import traceback
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-from _fsdp_worker import R, logits, rel, sharded_model
-from conftest import make_batches, tiny_base, tiny_peft
+from _fsdp_worker import R, logits, rel, run_rank, sharded_model
+from conftest import tiny_base, tiny_peft
 from peft import PeftModel
 
 import gradlora
@@ -78,33 +77,20 @@ def check_signature(result: dict, out: Path) -> None:
         )
 
 
-def main(out: Path) -> None:
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    torch.set_num_threads(1)
-    batches = make_batches("llama", n=4, batch=4)
-    mine = batches[2 * rank : 2 * rank + 2]
-    result: dict = {}
-    failed = False
-    try:
-        check_save(result, batches, mine, rank, out)
-        check_signature(result, out)
-        assert result["returned"] == str(out / f"adapter{rank}"), result
-        assert result["written"] == ["adapter0", "pretrained1"], result
-        if rank == 0:
-            assert result["sidecar"]["converted"] and result["config_r"] == 2 * R, result
-            for key in ("logits", "pretrained_logits", "gradlora_load_logits"):
-                assert result[key] < 1e-4, (key, result[key])
-            assert result["moved"] > 1e-2, result
-            assert not result["vanilla_converted"], result
-            assert result["signature_diff"] < 1e-12 and result["signature_norm"] < 1e-12, result
-    except Exception:
-        traceback.print_exc()
-        failed = True
-    torch.save(result, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
-    sys.exit(1 if failed else 0)
+def checks(out: Path, result: dict, batches: list, mine: list, rank: int) -> None:
+    check_save(result, batches, mine, rank, out)
+    check_signature(result, out)
+    assert result["returned"] == str(out / f"adapter{rank}"), result
+    assert result["written"] == ["adapter0", "pretrained1"], result
+    if rank == 0:
+        assert result["sidecar"]["converted"] and result["config_r"] == 2 * R, result
+        for key in ("logits", "pretrained_logits", "gradlora_load_logits"):
+            assert result[key] < 1e-4, (key, result[key])
+        assert result["moved"] > 1e-2, result
+        assert not result["vanilla_converted"], result
+        assert result["signature_diff"] < 1e-12 and result["signature_norm"] < 1e-12, result
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    out = Path(sys.argv[1])
+    run_rank(out, functools.partial(checks, out))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -148,7 +149,10 @@ def check_refusals(result: dict, mine) -> None:
     result["untouched_after_refusal"] = all(t.init_factors() is None for t in find_targets(model))
 
 
-def main(out: Path) -> None:
+def run_rank(out: Path, checks: Callable[[dict, list, list, int], None]) -> None:
+    """Join the 2-rank gloo group, run ``checks(result, batches, mine, rank)`` on the 4 shared
+    batches and this rank's 2, save ``result`` to OUT/rank{r}.pt for the test, and exit 1 if a
+    check raised (its traceback printed)."""
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     assert dist.get_world_size() == 2
@@ -158,23 +162,7 @@ def main(out: Path) -> None:
     result: dict = {}
     failed = False
     try:
-        check_init(result, batches, mine)
-        check_steps(result, batches, mine, rank)
-        check_refusals(result, mine)
-        for case in INIT_CASES:
-            assert result[f"{case}/num_batches"] == 4, result
-            assert result[f"{case}/offset"] in (None, "adapter"), result
-            assert result[f"{case}/ranks_identical"] and result[f"{case}/singular_values_agree"]
-            for key in ("A", "B", "sBA", "W_eff", "logits"):
-                assert result[f"{case}/{key}"] < TOL, (case, key, result[f"{case}/{key}"])
-        for name in OPTIMIZERS:
-            assert result[f"{name}/logits"] < TOL, (name, result[f"{name}/logits"])
-            assert result[f"{name}/moved"] > 100 * TOL, (name, result[f"{name}/moved"])
-            assert result[f"{name}/ranks_identical"], name
-            assert result[f"{name}/moment_share"] == 0.5, (name, result[f"{name}/moment_share"])
-        assert "offset='adapter'" in (result["weight_offset_error"] or ""), result
-        assert "not distributed=False" in (result["per_process_error"] or ""), result
-        assert result["untouched_after_refusal"]
+        checks(result, batches, mine, rank)
     except Exception:
         traceback.print_exc()
         failed = True
@@ -183,5 +171,25 @@ def main(out: Path) -> None:
     sys.exit(1 if failed else 0)
 
 
+def checks(result: dict, batches: list, mine: list, rank: int) -> None:
+    check_init(result, batches, mine)
+    check_steps(result, batches, mine, rank)
+    check_refusals(result, mine)
+    for case in INIT_CASES:
+        assert result[f"{case}/num_batches"] == 4, result
+        assert result[f"{case}/offset"] in (None, "adapter"), result
+        assert result[f"{case}/ranks_identical"] and result[f"{case}/singular_values_agree"]
+        for key in ("A", "B", "sBA", "W_eff", "logits"):
+            assert result[f"{case}/{key}"] < TOL, (case, key, result[f"{case}/{key}"])
+    for name in OPTIMIZERS:
+        assert result[f"{name}/logits"] < TOL, (name, result[f"{name}/logits"])
+        assert result[f"{name}/moved"] > 100 * TOL, (name, result[f"{name}/moved"])
+        assert result[f"{name}/ranks_identical"], name
+        assert result[f"{name}/moment_share"] == 0.5, (name, result[f"{name}/moment_share"])
+    assert "offset='adapter'" in (result["weight_offset_error"] or ""), result
+    assert "not distributed=False" in (result["per_process_error"] or ""), result
+    assert result["untouched_after_refusal"]
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    run_rank(Path(sys.argv[1]), checks)
