@@ -16,7 +16,8 @@ METHODS=full,lora,lora-ga,lora-ga-matched,lora-one,lora-pro,peft-lora-ga,peft-ri
 # grids were widened by one rate where the first sweep found its best at the top (MiniLM 2e-4,
 # Hamlet 1e-4), and so was the LoRA-like grid of the SmolLM2 tasks (LoRA's best on Hamlet was
 # 2e-3, the top; arithmetic's starts at 2e-4 instead of 1e-4), and Hamlet's again to 1e-2
-# (LoRA's best was then 5e-3, the new top).
+# (LoRA's best was then 5e-3, the new top); full fine-tuning's by one more rate on both SmolLM2
+# tasks (its best was again the top: Hamlet 3e-4, arithmetic 1e-4).
 lrs() {
   local low=$1 high=$2 full=$3
   echo --lrs "full=$full" \
@@ -34,12 +35,12 @@ for task in ${@:-a b c}; do
   b) # SmolLM2-135M / Hamlet: 40 steps of 8 chunks x 32 tokens
     $GRADLORA bench --model smollm2 --data hamlet --steps 40 --batch-size 8 --max-length 32 \
       --val-size 96 --test-size 96 --methods $METHODS --seeds 0,1,2 --no-progress \
-      $(lrs 2e-5,5e-5,1e-4,2e-4,5e-4 1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,1e-2 1e-5,3e-5,1e-4,3e-4) \
+      $(lrs 2e-5,5e-5,1e-4,2e-4,5e-4 1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,1e-2 1e-5,3e-5,1e-4,3e-4,1e-3) \
       --out benchmarks/results/lr-smollm2-hamlet ;;
   c) # SmolLM2-135M / arithmetic word problems, scored by exact match of greedy generations
     $GRADLORA bench --model smollm2 --data arithmetic --steps 32 --batch-size 8 --max-length 96 \
       --val-size 96 --test-size 128 --methods $METHODS --seeds 0,1,2 --no-progress \
-      $(lrs 2e-5,5e-5,1e-4,2e-4,5e-4 2e-4,5e-4,1e-3,2e-3,5e-3 1e-5,3e-5,1e-4) \
+      $(lrs 2e-5,5e-5,1e-4,2e-4,5e-4 2e-4,5e-4,1e-3,2e-3,5e-3 1e-5,3e-5,1e-4,3e-4) \
       --out benchmarks/results/lr-smollm2-arithmetic ;;
   *) echo "unknown task $task (a, b or c)" >&2; exit 2 ;;
   esac
