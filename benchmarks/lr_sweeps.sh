@@ -17,20 +17,22 @@ METHODS=full,lora,lora-ga,lora-ga-matched,lora-one,lora-pro,peft-lora-ga,peft-ri
 # Hamlet 1e-4), and so was the LoRA-like grid of the SmolLM2 tasks (LoRA's best on Hamlet was
 # 2e-3, the top; arithmetic's starts at 2e-4 instead of 1e-4), and Hamlet's again to 1e-2
 # (LoRA's best was then 5e-3, the new top); full fine-tuning's by one more rate on both SmolLM2
-# tasks (its best was again the top: Hamlet 3e-4, arithmetic 1e-4).
-lrs() {
-  local low=$1 high=$2 full=$3
+# tasks (its best was again the top: Hamlet 3e-4, arithmetic 1e-4), and peft's lora_ga's on
+# MiniLM to 2e-3 (its best was 1e-3, the top).
+lrs() {  # LOW HIGH FULL [PEFT_LORA_GA, default LOW]
+  local low=$1 high=$2 full=$3 peft_low=${4:-$1}
   echo --lrs "full=$full" \
     --lrs "lora=$high" --lrs "lora-ga-matched=$high" --lrs "lora-one=$high" \
     --lrs "lora-pro=$high" --lrs "peft-riemannian=$high" \
-    --lrs "lora-ga=$low" --lrs "peft-lora-ga=$low"
+    --lrs "lora-ga=$low" --lrs "peft-lora-ga=$peft_low"
 }
 for task in ${@:-a b c}; do
   case $task in
   a) # MiniLM / Rotten Tomatoes: 100 steps of 16 x 64 tokens
     $GRADLORA bench --model minilm --data rotten-tomatoes --steps 100 --batch-size 16 \
       --max-length 64 --methods $METHODS --seeds 0,1,2 --no-progress \
-      $(lrs 5e-5,1e-4,2e-4,5e-4,1e-3 2e-4,5e-4,1e-3,2e-3,5e-3 2e-5,5e-5,1e-4,2e-4,5e-4) \
+      $(lrs 5e-5,1e-4,2e-4,5e-4,1e-3 2e-4,5e-4,1e-3,2e-3,5e-3 2e-5,5e-5,1e-4,2e-4,5e-4 \
+        5e-5,1e-4,2e-4,5e-4,1e-3,2e-3) \
       --out benchmarks/results/lr-minilm ;;
   b) # SmolLM2-135M / Hamlet: 40 steps of 8 chunks x 32 tokens
     $GRADLORA bench --model smollm2 --data hamlet --steps 40 --batch-size 8 --max-length 32 \
