@@ -66,6 +66,10 @@ def _m(name, about, init, optimizer, cls_lr, cls_grid, lm_lr, lm_grid, **kw) -> 
     )
 
 
+# Classification rates: the MiniLM sweep of benchmarks/lr_sweeps.sh (benchmarks/results/
+# which_method.md; tests/test_recipes_rates.py holds the swept methods to it). The causal-LM
+# rates are the earlier hand-picked ones until the two SmolLM2 sweeps are complete.
+HIGH_GRID = (1e-3, 2e-3, 5e-3)
 LORA_GRID = (5e-4, 1e-3, 2e-3)
 LOW_GRID = (2e-4, 5e-4, 1e-3)
 LM_GRID = (2e-4, 5e-4, 1e-3)
@@ -79,8 +83,8 @@ RECIPES: dict[str, Recipe] = {
             "full fine-tuning, AdamW",
             "full",
             "adamw",
-            5e-5,
-            (2e-5, 5e-5, 1e-4),
+            2e-4,
+            (1e-4, 2e-4, 5e-4),
             3e-5,
             (1e-5, 3e-5, 1e-4),
         ),
@@ -89,8 +93,8 @@ RECIPES: dict[str, Recipe] = {
             "LoRA, peft's default init, AdamW",
             None,
             "adamw",
-            1e-3,
-            LORA_GRID,
+            2e-3,
+            HIGH_GRID,
             5e-4,
             LM_GRID,
         ),
@@ -120,8 +124,8 @@ RECIPES: dict[str, Recipe] = {
             "peft's LoRA-GA init (preprocess_loraga), AdamW",
             "peft-lora-ga",
             "adamw",
-            5e-4,
-            LOW_GRID,
+            1e-3,
+            LORA_GRID,
             2e-4,
             LM_LOW_GRID,
         ),
@@ -130,8 +134,8 @@ RECIPES: dict[str, Recipe] = {
             "LoRA, peft's Riemannian-preconditioned AdamW (reg 1e-2)",
             None,
             "riemannian",
-            1e-3,
-            LORA_GRID,
+            2e-3,
+            HIGH_GRID,
             5e-4,
             LM_GRID,
         ),
@@ -172,8 +176,8 @@ RECIPES: dict[str, Recipe] = {
             "gradlora LoRA-GA init, scale matched to LoRA's first AdamW step, AdamW",
             "lora-ga",
             "adamw",
-            1e-3,
-            LORA_GRID,
+            2e-3,
+            HIGH_GRID,
             5e-4,
             LM_GRID,
             init_options=(("scale", "matched"),),
@@ -183,8 +187,8 @@ RECIPES: dict[str, Recipe] = {
             "gradlora LoRA-One init (gamma=128), preconditioned AdamW",
             "lora-one",
             "preconditioned",
-            1e-3,
-            LORA_GRID,
+            2e-3,
+            HIGH_GRID,
             5e-4,
             LM_GRID,
         ),
