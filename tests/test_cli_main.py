@@ -280,6 +280,7 @@ def test_train_refuses_bad_numbers_before_loading_anything(
         (["--lrs", "lora=1e-3,0"], "--lrs"),
         (["--lrs", "lora=-1e-3"], "--lrs"),
         (["--lrs", "full=nan"], "--lrs"),
+        (["--lrs", "lora=1e-3", "--lrs", "lora=2e-3"], "--lrs names lora twice"),
     ],
 )
 def test_bench_refuses_bad_numbers_before_loading_anything(

@@ -85,6 +85,8 @@ def _lr_grids(items: list[str]) -> dict[str, list[float]]:
             raise GradLoraError(
                 f"--lrs takes METHOD=LR[,LR...] with METHOD in {', '.join(RECIPES)}; got {item!r}"
             )
+        if method in out:  # the later list would silently replace the earlier one
+            raise GradLoraError(f"--lrs names {method} twice; give its rates in one list")
         try:
             out[method] = _floats(values)
         except ValueError:
