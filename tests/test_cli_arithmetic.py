@@ -120,23 +120,12 @@ def test_arithmetic_task_splits_carry_answers():
 def test_greedy_matches_is_greedy_decoding():
     """greedy_matches (one teacher-forced forward) says True exactly where greedy generation
     writes the labelled tokens: checked against generate() on a tiny random Llama."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import VOCAB, tiny_base
 
     from gradlora.cli.loop import greedy_matches
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    model = LlamaForCausalLM(config).eval()
-    prompt = torch.randint(2, 50, (4, 6))
+    model = tiny_base("llama").eval()
+    prompt = torch.randint(2, VOCAB, (4, 6), generator=torch.Generator().manual_seed(0))
     greedy = model.generate(
         prompt,
         attention_mask=torch.ones_like(prompt),
@@ -146,8 +135,8 @@ def test_greedy_matches_is_greedy_decoding():
         pad_token_id=0,
     )[:, 6:]
     answers = greedy.clone()
-    answers[1, 2] = (answers[1, 2] + 1 - 2) % 48 + 2  # one token off: not what greedy writes
-    answers[3, 4] = (answers[3, 4] + 1 - 2) % 48 + 2
+    answers[1, 2] = (answers[1, 2] - 1) % (VOCAB - 2) + 2  # one token off: not what greedy writes
+    answers[3, 4] = (answers[3, 4] - 1) % (VOCAB - 2) + 2
     ids = torch.cat([prompt, answers], dim=1)
     labels = torch.cat([torch.full_like(prompt, -100), answers], dim=1)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
