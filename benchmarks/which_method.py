@@ -15,6 +15,8 @@ import json
 import math
 from pathlib import Path
 
+from gradlora.cli.lr_report import budget_metric
+
 RESULTS = Path(__file__).parent / "results"
 TASKS = {
     "MiniLM / Rotten Tomatoes": "lr-minilm",
@@ -71,7 +73,7 @@ def at_rate(results: dict, method: str, lr: float, metric: str) -> dict | None:
 def task_report(name: str, results: dict) -> tuple[list[str], dict]:
     # the score measured at every budget (answer_match for arithmetic: exact_match, by
     # generation, exists at the end only and is in the bench's own table)
-    metric = {"exact_match": "answer_match"}.get(results["test_metric"], results["test_metric"])
+    metric = budget_metric(results["test_metric"])
     higher = metric != "loss"
     key = f"test_{metric}"
     methods = results["methods"]
@@ -191,15 +193,12 @@ def rates_section(rates: dict) -> list[str]:
     return lines + ["", "(" + ", ".join(state) + ")", ""]
 
 
-def goals(facts: dict[str, dict]) -> list[str]:
+def goals(facts: dict[str, dict], all_complete: bool) -> list[str]:
     done = {t: f for t, f in facts.items() if "steps" in f}
     lines = ["## Goals of issue 15", ""]
     if not done:
         return lines + ["No finished sweep yet.", ""]
-    complete = len(done) == len(TASKS) and all(
-        m in f["final"] for f in done.values() for m in ["lora", *OURS, *PEERS.values()]
-    )
-    state = "" if complete else " [sweeps not finished: provisional]"
+    state = "" if all_complete else " [sweeps not finished: provisional]"
     g1 = {t: f["at_lora_rate"].get("lora-ga-matched", "pending") for t, f in done.items()}
     ok1 = all(v in ("better", "tie") for v in g1.values())
     lines.append(
@@ -252,7 +251,7 @@ def main() -> None:
             continue
         part, facts[name] = task_report(name, results)
         lines += part
-    lines += goals(facts)
+    lines += goals(facts, all(complete(r) for r in all_results.values()))
     rates = default_rates(all_results)
     lines += rates_section(rates)
     Path(args.out + ".md").write_text("\n".join(lines))
