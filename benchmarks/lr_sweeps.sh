@@ -6,11 +6,15 @@
 # Each bench process is single-threaded (OMP_NUM_THREADS=1): on 2 cores, run two tasks at once
 # (benchmarks/lr_sweeps.sh a & benchmarks/lr_sweeps.sh b); two-thread processes sharing the cores
 # with anything else slow down several-fold (OpenMP threads spin while they wait).
+# One task over two streams: METHODS=full,lora,lora-ga,lora-ga-matched benchmarks/lr_sweeps.sh c &
+# METHODS=lora-one,lora-pro,peft-lora-ga,peft-riemannian benchmarks/lr_sweeps.sh c, then
+# benchmarks/lr_sweeps.sh c once more: every run comes from the store and the report covers all.
+# The body is one function, so that editing this file never changes a sweep already running.
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 cd "$(dirname "$0")/.."
 GRADLORA=${GRADLORA:-.venv/bin/gradlora}
-METHODS=full,lora,lora-ga,lora-ga-matched,lora-one,lora-pro,peft-lora-ga,peft-riemannian
+METHODS=${METHODS:-full,lora,lora-ga,lora-ga-matched,lora-one,lora-pro,peft-lora-ga,peft-riemannian}
 # LoRA-like methods share one grid; the gamma-16 LoRA-GA inits (ours and peft's) move W ~3x
 # as far per unit of rate at their first step, so their grid sits 4x lower. Full fine-tuning's
 # grids were widened by one rate where the first sweep found its best at the top (MiniLM 2e-4,
@@ -27,25 +31,28 @@ lrs() {  # LOW HIGH FULL [PEFT_LORA_GA, default LOW]
     --lrs "lora-pro=$high" --lrs "peft-riemannian=$high" \
     --lrs "lora-ga=$low" --lrs "peft-lora-ga=$peft_low"
 }
-for task in ${@:-a b c}; do
-  case $task in
-  a) # MiniLM / Rotten Tomatoes: 100 steps of 16 x 64 tokens
-    $GRADLORA bench --model minilm --data rotten-tomatoes --steps 100 --batch-size 16 \
-      --max-length 64 --methods $METHODS --seeds 0,1,2 --no-progress \
-      $(lrs 5e-5,1e-4,2e-4,5e-4,1e-3 2e-4,5e-4,1e-3,2e-3,5e-3 2e-5,5e-5,1e-4,2e-4,5e-4 \
-        5e-5,1e-4,2e-4,5e-4,1e-3,2e-3) \
-      --out benchmarks/results/lr-minilm ;;
-  b) # SmolLM2-135M / Hamlet: 40 steps of 8 chunks x 32 tokens
-    $GRADLORA bench --model smollm2 --data hamlet --steps 40 --batch-size 8 --max-length 32 \
-      --val-size 96 --test-size 96 --methods $METHODS --seeds 0,1,2 --no-progress \
-      $(lrs 2e-5,5e-5,1e-4,2e-4,5e-4,1e-3 1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,1e-2 1e-5,3e-5,1e-4,3e-4,1e-3 \
-        2e-5,5e-5,1e-4,2e-4,5e-4) \
-      --out benchmarks/results/lr-smollm2-hamlet ;;
-  c) # SmolLM2-135M / arithmetic word problems, scored by exact match of greedy generations
-    $GRADLORA bench --model smollm2 --data arithmetic --steps 32 --batch-size 8 --max-length 96 \
-      --val-size 96 --test-size 128 --methods $METHODS --seeds 0,1,2 --no-progress \
-      $(lrs 2e-5,5e-5,1e-4,2e-4,5e-4 2e-4,5e-4,1e-3,2e-3,5e-3 1e-5,3e-5,1e-4,3e-4) \
-      --out benchmarks/results/lr-smollm2-arithmetic ;;
-  *) echo "unknown task $task (a, b or c)" >&2; exit 2 ;;
-  esac
-done
+main() {
+  for task in ${@:-a b c}; do
+    case $task in
+    a) # MiniLM / Rotten Tomatoes: 100 steps of 16 x 64 tokens
+      $GRADLORA bench --model minilm --data rotten-tomatoes --steps 100 --batch-size 16 \
+        --max-length 64 --methods $METHODS --seeds 0,1,2 --no-progress \
+        $(lrs 5e-5,1e-4,2e-4,5e-4,1e-3 2e-4,5e-4,1e-3,2e-3,5e-3 2e-5,5e-5,1e-4,2e-4,5e-4 \
+          5e-5,1e-4,2e-4,5e-4,1e-3,2e-3) \
+        --out benchmarks/results/lr-minilm ;;
+    b) # SmolLM2-135M / Hamlet: 40 steps of 8 chunks x 32 tokens
+      $GRADLORA bench --model smollm2 --data hamlet --steps 40 --batch-size 8 --max-length 32 \
+        --val-size 96 --test-size 96 --methods $METHODS --seeds 0,1,2 --no-progress \
+        $(lrs 2e-5,5e-5,1e-4,2e-4,5e-4,1e-3 1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,1e-2 1e-5,3e-5,1e-4,3e-4,1e-3 \
+          2e-5,5e-5,1e-4,2e-4,5e-4) \
+        --out benchmarks/results/lr-smollm2-hamlet ;;
+    c) # SmolLM2-135M / arithmetic word problems, scored by exact match of greedy generations
+      $GRADLORA bench --model smollm2 --data arithmetic --steps 32 --batch-size 8 --max-length 96 \
+        --val-size 96 --test-size 128 --methods $METHODS --seeds 0,1,2 --no-progress \
+        $(lrs 2e-5,5e-5,1e-4,2e-4,5e-4 2e-4,5e-4,1e-3,2e-3,5e-3 1e-5,3e-5,1e-4,3e-4) \
+        --out benchmarks/results/lr-smollm2-arithmetic ;;
+    *) echo "unknown task $task (a, b or c)" >&2; exit 2 ;;
+    esac
+  done
+}
+main "$@"
