@@ -135,7 +135,7 @@ def test_committed_runs_keep_their_keys(results):
     from pathlib import Path
 
     from gradlora.cli.bench import run_key, run_spec
-    from gradlora.cli.tasks import load_task, read_data
+    from gradlora.cli.tasks import read_data
 
     stored = json.loads(
         (
@@ -144,16 +144,7 @@ def test_committed_runs_keep_their_keys(results):
     )
     fields = {f.name for f in dataclasses.fields(BenchConfig)}
     cfg = BenchConfig(**{k: v for k, v in stored["config"].items() if k in fields})
-    source = read_data(cfg.data)
-    cfg = cfg.for_kind(source.kind)
-    task = load_task(
-        cfg.model,
-        source,
-        max_length=cfg.max_length,
-        val_size=cfg.val_size,
-        test_size=cfg.test_size,
-        num_layers=cfg.num_layers,
-    )
+    cfg, task = cfg.load_task(read_data(cfg.data))
     keys = [
         run_key(run_spec(cfg, task, r["method"], r["lr"], r["seed"], r["spec"]["protocol"]))
         for r in stored["runs"]

@@ -204,6 +204,7 @@ def test_interrupted_training_resumes_to_the_same_adapter(tmp_path, monkeypatch)
 def nothing_runs(monkeypatch):
     """Make loading a task, a model or a method, or starting a run, fail the test."""
     import gradlora.cli.bench as bench_cli
+    import gradlora.cli.config as config_cli
     import gradlora.cli.main as main_cli
     import gradlora.cli.tasks as tasks
     import gradlora.cli.train as train_cli
@@ -214,9 +215,8 @@ def nothing_runs(monkeypatch):
     for module, name in [
         (main_cli, "main_train"),
         (main_cli, "run_bench"),
-        (train_cli, "load_task"),
+        (config_cli, "load_task"),  # RunConfig.load_task: both commands load their task here
         (train_cli, "build"),
-        (bench_cli, "load_task"),
         (bench_cli, "build"),
         (tasks, "load_pretrained"),
     ]:

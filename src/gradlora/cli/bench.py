@@ -28,7 +28,7 @@ from . import loop
 from .config import PROTOCOL_VERSION, BenchConfig, digest, eval_batch_size, resolve_device
 from .recipes import RECIPES, build, get_recipe
 from .report import best_lr, save_results, summarize
-from .tasks import CLASSIFICATION, Task, load_task, read_data
+from .tasks import CLASSIFICATION, Task, read_data
 
 BUDGET_FRACTIONS = (0.25, 0.5)  # of the steps: where a run is also evaluated (step budgets)
 
@@ -70,18 +70,9 @@ class Bench:
             raise GradLoraError(f"--select must be val-loss or val-acc, not {cfg.select!r}")
         if not cfg.seeds:
             raise GradLoraError("--seeds needs at least one seed")
-        source = read_data(cfg.data)
-        cfg = cfg.for_kind(source.kind)
+        cfg, self.task = cfg.load_task(read_data(cfg.data))
         self.cfg, self.out_dir, self.log = cfg, Path(out_dir), log
         self.device = resolve_device(cfg.device)
-        self.task = load_task(
-            cfg.model,
-            source,
-            max_length=cfg.max_length,
-            val_size=cfg.val_size,
-            test_size=cfg.test_size,
-            num_layers=cfg.num_layers,
-        )
         if cfg.select == "val-acc" and self.task.kind != CLASSIFICATION:
             raise GradLoraError("--select val-acc needs a classification task; use val-loss")
         for split in ("val", "test"):

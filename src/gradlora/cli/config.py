@@ -7,13 +7,13 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Self
 
 import torch
 
 from ..errors import GradLoraError
 from .data import QUANTIZE
-from .tasks import CLASSIFICATION
+from .tasks import CLASSIFICATION, DataSource, Task, load_task
 
 # bump when a change of the code changes what a bench run with the same settings computes
 # 2: LoRA-Pro's damping 1e-8 (was 1e-6); randomized SVD q = 2k + 64, 8 iterations (was 2k, 4)
@@ -84,6 +84,20 @@ class RunConfig:
             batch_size=self.batch_size or (32 if classification else 8),
             max_length=self.max_length or (64 if classification else 128),
         )
+
+    def load_task(self, source: DataSource) -> tuple[Self, Task]:
+        """(this config for ``source``'s kind, the task it trains on: the model and the data
+        split into train / val / test at this config's sizes and length)."""
+        cfg = self.for_kind(source.kind)
+        task = load_task(
+            cfg.model,
+            source,
+            max_length=cfg.max_length,
+            val_size=cfg.val_size,
+            test_size=cfg.test_size,
+            num_layers=cfg.num_layers,
+        )
+        return cfg, task
 
     def run_spec(self, task_identity: dict[str, Any], method: str, lr: float, seed: int) -> dict:
         """Everything that determines one run's result (its key is a hash of this)."""

@@ -34,7 +34,7 @@ from ..errors import GradLoraError
 from . import fsdp, loop
 from .config import TrainConfig, digest, eval_batch_size, resolve_device
 from .recipes import build, get_recipe
-from .tasks import load_task, read_data
+from .tasks import read_data
 from .torchrun import Ranks, start
 
 CHECKPOINT = "checkpoint.pt"
@@ -131,15 +131,7 @@ def _main_train(cfg: TrainConfig, ranks: Ranks) -> int:
     say = print if ranks.main else _quiet
     label_column = cfg.label_column or "label"
     source = read_data(cfg.data, cfg.text_column, label_column, cfg.label_column is not None)
-    cfg = cfg.for_kind(source.kind)
-    task = load_task(
-        cfg.model,
-        source,
-        max_length=cfg.max_length,
-        val_size=cfg.val_size,
-        test_size=cfg.test_size,
-        num_layers=cfg.num_layers,
-    )
+    cfg, task = cfg.load_task(source)
     lr = cfg.lr if cfg.lr is not None else method.default_lr(task.kind)
     device = ranks.device if ranks.active else resolve_device(cfg.device)
     if ranks.active and method.init == "peft-lora-ga":
