@@ -162,6 +162,17 @@ def reference_gradients(original: torch.nn.Module, batches, module_names, loss_f
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+    Tiny models gain nothing from 2 threads, and on a shared CPU the second thread's waits
+    make every op several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param

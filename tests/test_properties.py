@@ -26,14 +26,7 @@ FAST = settings(
 )  # no .hypothesis folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from 2 threads, and on a shared CPU the second thread's waits
-    make every op several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:

@@ -26,15 +26,7 @@ import gradlora
 import gradlora.inits
 from gradlora.targets import find_targets
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from 2 threads, and on a shared CPU the second thread's waits
-    make every op several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def init_fails_untouched(model, error, match, batches, **kw):
