@@ -114,11 +114,14 @@ def task_report(name: str, results: dict) -> tuple[list[str], dict]:
         "| method | best lr | " + " | ".join(f"@{s}" for s in steps) + " |",
         "|---|---|" + "---|" * len(steps),
     ]
-    facts["at_best"], facts["final"] = {}, {}
+    facts["at_best"], facts["final"], facts["budgets_by_method"] = {}, {}, {}
     for method, m in methods.items():
         if row_final := m.get("at_budgets", {}).get(steps[-1], {}).get(key):
             facts["final"][method] = row_final
         row = m.get("at_budgets", {})
+        facts["budgets_by_method"][method] = {
+            s: row[s][key] for s in steps if key in row.get(s, {})
+        }
         cells = []
         for s in steps:
             stat = row.get(s, {}).get(key)
@@ -238,6 +241,34 @@ def goals(facts: dict[str, dict], all_complete: bool) -> list[str]:
     return lines + [""]
 
 
+def matched_section(facts: dict[str, dict], all_complete: bool) -> list[str]:
+    """Whether the sweeps support ``scale="matched"`` as LoRA-GA's default (issue 15): on every
+    task it is no worse than the paper's gamma = 16 at each one's best rate at any budget, and
+    no worse than LoRA at LoRA's best rate (the user who keeps the rate they know)."""
+    done = {t: f for t, f in facts.items() if "steps" in f}
+    lines = ['## `scale="matched"` as LoRA-GA\'s default', ""]
+    if not done:
+        return lines + ["No finished sweep yet.", ""]
+    lines += [
+        "| task | matched vs γ = 16, best rates, by step | matched vs LoRA at LoRA's rate |",
+        "|---|---|---|",
+    ]
+    ok = True
+    for t, f in done.items():
+        gamma16 = f["budgets_by_method"].get("lora-ga", {})
+        matched = f["budgets_by_method"].get("lora-ga-matched", {})
+        cells = []
+        for s in f["steps"]:
+            if s in gamma16 and s in matched:
+                cells.append(f"@{s} {verdict(matched[s], gamma16[s], f['higher'])}")
+        at_lora = f["at_lora_rate"].get("lora-ga-matched", "pending")
+        ok &= bool(cells) and "worse" not in " ".join(cells) and at_lora in ("better", "tie")
+        lines.append(f"| {t} | {', '.join(cells) or 'pending'} | {at_lora} |")
+    state = "" if all_complete else " [sweeps not finished: provisional]"
+    verdict_line = "supported" if ok else "not supported"
+    return lines + ["", f"Matched as the default: {verdict_line}{state}.", ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(RESULTS / "which_method"))
@@ -251,7 +282,9 @@ def main() -> None:
             continue
         part, facts[name] = task_report(name, results)
         lines += part
-    lines += goals(facts, all(complete(r) for r in all_results.values()))
+    all_complete = all(complete(r) for r in all_results.values())
+    lines += goals(facts, all_complete)
+    lines += matched_section(facts, all_complete)
     rates = default_rates(all_results)
     lines += rates_section(rates)
     Path(args.out + ".md").write_text("\n".join(lines))
