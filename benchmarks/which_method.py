@@ -269,6 +269,30 @@ def matched_section(facts: dict[str, dict], all_complete: bool) -> list[str]:
     return lines + ["", f"Matched as the default: {verdict_line}{state}.", ""]
 
 
+def cost_section(all_results: dict[str, dict | None]) -> list[str]:
+    """What each sweep has cost so far: one-thread process time summed over its stored runs
+    (build with the init, training, evaluations), as measured while sharing the 2 cores."""
+    lines = [
+        "## Cost of the sweeps (one-thread process time, summed over the stored runs)",
+        "",
+        "| task | runs | hours | training | evaluations | median min / run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, results in all_results.items():
+        if not results:
+            continue
+        runs = results["runs"]
+        each = [r["build_seconds"] + r["train_seconds"] + r["eval_seconds"] for r in runs]
+        train = sum(r["train_seconds"] for r in runs) / 3600
+        evals = sum(r["eval_seconds"] for r in runs) / 3600
+        median = sorted(each)[len(each) // 2] / 60
+        lines.append(
+            f"| {name} | {len(runs)} | {sum(each) / 3600:.1f} | {train:.1f} | {evals:.1f} | "
+            f"{median:.1f} |"
+        )
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(RESULTS / "which_method"))
@@ -287,6 +311,7 @@ def main() -> None:
     lines += matched_section(facts, all_complete)
     rates = default_rates(all_results)
     lines += rates_section(rates)
+    lines += cost_section(all_results)
     Path(args.out + ".md").write_text("\n".join(lines))
     Path(args.out + ".json").write_text(json.dumps(facts | {"default_rates": rates}, indent=1))
     print("\n".join(lines))
