@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 
 from gradlora.cli.lr_report import budget_metric
@@ -285,7 +286,7 @@ def cost_section(all_results: dict[str, dict | None]) -> list[str]:
         each = [r["build_seconds"] + r["train_seconds"] + r["eval_seconds"] for r in runs]
         train = sum(r["train_seconds"] for r in runs) / 3600
         evals = sum(r["eval_seconds"] for r in runs) / 3600
-        median = sorted(each)[len(each) // 2] / 60
+        median = statistics.median(each) / 60
         lines.append(
             f"| {name} | {len(runs)} | {sum(each) / 3600:.1f} | {train:.1f} | {evals:.1f} | "
             f"{median:.1f} |"
