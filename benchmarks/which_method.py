@@ -246,7 +246,7 @@ def goals(facts: dict[str, dict], all_complete: bool) -> list[str]:
 MATCHED_INPUTS = ["lora", "lora-ga", "lora-ga-matched"]  # all the verdict below reads
 
 
-def matched_section(facts: dict[str, dict], all_complete: bool) -> list[str]:
+def matched_section(facts: dict[str, dict], final: bool) -> list[str]:
     """Whether the sweeps support ``scale="matched"`` as LoRA-GA's default (issue 15): on every
     task it is no worse than the paper's gamma = 16 at each one's best rate at any budget, and
     no worse than LoRA at LoRA's best rate (the user who keeps the rate they know). Final once
@@ -263,14 +263,16 @@ def matched_section(facts: dict[str, dict], all_complete: bool) -> list[str]:
     for t, f in done.items():
         gamma16 = f["budgets_by_method"].get("lora-ga", {})
         matched = f["budgets_by_method"].get("lora-ga-matched", {})
-        cells = []
-        for s in f["steps"]:
-            if s in gamma16 and s in matched:
-                cells.append(f"@{s} {verdict(matched[s], gamma16[s], f['higher'])}")
+        by_step = {
+            s: verdict(matched[s], gamma16[s], f["higher"])
+            for s in f["steps"]
+            if s in gamma16 and s in matched
+        }
         at_lora = f["at_lora_rate"].get("lora-ga-matched", "pending")
-        ok &= bool(cells) and "worse" not in " ".join(cells) and at_lora in ("better", "tie")
-        lines.append(f"| {t} | {', '.join(cells) or 'pending'} | {at_lora} |")
-    state = "" if all_complete else " [sweeps not finished: provisional]"
+        ok &= bool(by_step) and "worse" not in by_step.values() and at_lora in ("better", "tie")
+        cells = ", ".join(f"@{s} {v}" for s, v in by_step.items()) or "pending"
+        lines.append(f"| {t} | {cells} | {at_lora} |")
+    state = "" if final else " [sweeps not finished: provisional]"
     verdict_line = "supported" if ok else "not supported"
     return lines + ["", f"Matched as the default: {verdict_line}{state}.", ""]
 
