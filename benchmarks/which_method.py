@@ -154,10 +154,12 @@ def complete(results: dict | None, only: list[str] = SWEPT) -> bool:
 
 
 def on_ladder(lr: float) -> float:
-    """The nearest rate (in log scale) of the 1-2-5 ladder: ..., 1e-4, 2e-4, 5e-4, 1e-3, ..."""
+    """The nearest rate (in log scale) of the 1-2-5 ladder: ..., 1e-4, 2e-4, 5e-4, 1e-3, ...
+    Halfway between two rungs (the geometric mean of 2e-4 and 5e-4 is exactly halfway) it takes
+    the lower one, whatever the rounding: a rate too low costs steps, one too high can diverge."""
     exp = math.floor(math.log10(lr))
-    options = [c * 10.0**e for e in (exp - 1, exp, exp + 1) for c in (1, 2, 5)]
-    return float(f"{min(options, key=lambda x: abs(math.log(x / lr))):.0e}")
+    options = sorted(c * 10.0**e for e in (exp - 1, exp, exp + 1) for c in (1, 2, 5))
+    return float(f"{min(options, key=lambda x: round(abs(math.log(x / lr)), 9)):.0e}")
 
 
 def default_rates(all_results: dict[str, dict | None]) -> dict:
