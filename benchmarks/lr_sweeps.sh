@@ -23,7 +23,8 @@ METHODS=${METHODS:-full,lora,lora-ga,lora-ga-matched,lora-one,lora-pro,peft-lora
 # (LoRA's best was then 5e-3, the new top); full fine-tuning's by one more rate on both SmolLM2
 # tasks (its best was again the top: Hamlet 3e-4, arithmetic 1e-4), and peft's lora_ga's on
 # MiniLM to 2e-3 (its best was 1e-3, the top); both gamma-16 LoRA-GA grids (ours, then peft's)
-# on Hamlet to 1e-3 (each one's best was 5e-4, the top), and peft's again to 2e-3 (then 1e-3).
+# on Hamlet to 1e-3 (each one's best was 5e-4, the top), and peft's again to 2e-3 (then 1e-3);
+# peft's lora_ga's on arithmetic to 1e-3 (its best was 5e-4, the top).
 lrs() {  # LOW HIGH FULL [PEFT_LORA_GA, default LOW]
   local low=$1 high=$2 full=$3 peft_low=${4:-$1}
   echo --lrs "full=$full" \
@@ -49,7 +50,8 @@ main() {
     c) # SmolLM2-135M / arithmetic word problems, scored by exact match of greedy generations
       $GRADLORA bench --model smollm2 --data arithmetic --steps 32 --batch-size 8 --max-length 96 \
         --val-size 96 --test-size 128 --methods $METHODS --seeds 0,1,2 --no-progress \
-        $(lrs 2e-5,5e-5,1e-4,2e-4,5e-4 2e-4,5e-4,1e-3,2e-3,5e-3 1e-5,3e-5,1e-4,3e-4) \
+        $(lrs 2e-5,5e-5,1e-4,2e-4,5e-4 2e-4,5e-4,1e-3,2e-3,5e-3 1e-5,3e-5,1e-4,3e-4 \
+          2e-5,5e-5,1e-4,2e-4,5e-4,1e-3) \
         --out benchmarks/results/lr-smollm2-arithmetic ;;
     *) echo "unknown task $task (a, b or c)" >&2; exit 2 ;;
     esac
