@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gradlora.cli.recipes import RECIPES
+from gradlora.cli.recipes import RECIPES, _ladder
 
 SWEEPS = Path(__file__).parent.parent / "benchmarks" / "results" / "which_method.json"
 
@@ -28,3 +28,11 @@ def test_default_rates_are_the_swept_ones():
         assert found["rates"], kind
         for method, lr in found["rates"].items():
             assert RECIPES[method].default_lr(kind) == pytest.approx(lr, rel=1e-9), (method, kind)
+
+
+def test_a_recipe_grid_is_its_rate_and_the_two_neighbouring_rungs():
+    assert _ladder(1e-3) == (5e-4, 1e-3, 2e-3)
+    assert _ladder(2e-4) == (1e-4, 2e-4, 5e-4)
+    assert _ladder(5e-3) == (2e-3, 5e-3, 1e-2)
+    with pytest.raises(ValueError, match="not on the 1-2-5 ladder"):
+        _ladder(3e-5)

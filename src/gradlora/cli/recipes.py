@@ -2,13 +2,13 @@
 
 A recipe = how the model is built and initialized (an init method of ``gradlora.initialize``,
 peft's, or full fine-tuning) + which optimizer of ``gradlora.optim.create_optimizer``, with a
-default learning rate and a 3-value grid per task kind (classification / causal LM). The classification rates
-come from the MiniLM / Rotten Tomatoes measurements in docs/benchmarks.md; the causal-LM ones are
-set one notch lower (larger model, token-level loss) and are guesses until swept.
+default learning rate and a 3-value grid around it per task kind (classification / causal LM).
+The default rates come from the learning-rate sweeps of benchmarks/lr_sweeps.sh (see RECIPES).
 """
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -54,59 +54,48 @@ class Recipe:
         return self.grid[kind]
 
 
-def _m(name, about, init, optimizer, cls_lr, cls_grid, lm_lr, lm_grid, **kw) -> Recipe:
+def _ladder(lr: float) -> tuple[float, float, float]:
+    """``lr`` and its two neighbours on the 1-2-5 ladder (..., 1e-4, 2e-4, 5e-4, 1e-3, ...):
+    the 3-value grid of a sweep around a default rate."""
+    exp = math.floor(math.log10(lr) + 1e-9)
+    rungs = [float(f"{c}e{e}") for e in (exp - 1, exp, exp + 1) for c in (1, 2, 5)]
+    i = next((i for i, x in enumerate(rungs) if math.isclose(x, lr, rel_tol=1e-9)), None)
+    if i is None:
+        raise ValueError(f"default rate {lr:g} is not on the 1-2-5 ladder")
+    return rungs[i - 1], rungs[i], rungs[i + 1]
+
+
+def _m(name, about, init, optimizer, cls_lr, lm_lr, **kw) -> Recipe:
     return Recipe(
         name,
         about,
         init,
         optimizer,
         {CLASSIFICATION: cls_lr, "causal-lm": lm_lr},
-        {CLASSIFICATION: cls_grid, "causal-lm": lm_grid},
+        {CLASSIFICATION: _ladder(cls_lr), "causal-lm": _ladder(lm_lr)},
         **kw,
     )
 
 
-# Classification rates: the MiniLM sweep of benchmarks/lr_sweeps.sh (benchmarks/results/
-# which_method.md; tests/test_recipes_rates.py holds the swept methods to it). The causal-LM
-# rates are the earlier hand-picked ones until the two SmolLM2 sweeps are complete.
-HIGH_GRID = (1e-3, 2e-3, 5e-3)
-LORA_GRID = (5e-4, 1e-3, 2e-3)
-LOW_GRID = (2e-4, 5e-4, 1e-3)
-LM_GRID = (2e-4, 5e-4, 1e-3)
-LM_LOW_GRID = (1e-4, 2e-4, 5e-4)
-
+# Default rates: each swept method's best rate in the sweeps of benchmarks/lr_sweeps.sh
+# (classification: MiniLM; causal LM: the geometric mean over Hamlet and arithmetic), as
+# benchmarks/results/which_method.md lists them; tests/test_recipes_rates.py holds the swept
+# methods to it. The others (rslora, pissa, lora-ga-sketch, lora-ga-gamma64, lora-one-init,
+# lora-ga+lora-pro) were not swept: their causal-LM rate keeps their classification rate's
+# ratio to a swept relative (rslora and pissa to lora, gamma64 to lora-ga, lora-one-init to
+# lora-one, sketch and +lora-pro at lora-ga's).
 RECIPES: dict[str, Recipe] = {
     m.name: m
     for m in [
-        _m(
-            "full",
-            "full fine-tuning, AdamW",
-            "full",
-            "adamw",
-            2e-4,
-            (1e-4, 2e-4, 5e-4),
-            3e-5,
-            (1e-5, 3e-5, 1e-4),
-        ),
-        _m(
-            "lora",
-            "LoRA, peft's default init, AdamW",
-            None,
-            "adamw",
-            2e-3,
-            HIGH_GRID,
-            5e-4,
-            LM_GRID,
-        ),
+        _m("full", "full fine-tuning, AdamW", "full", "adamw", cls_lr=2e-4, lm_lr=2e-4),
+        _m("lora", "LoRA, peft's default init, AdamW", None, "adamw", cls_lr=2e-3, lm_lr=2e-3),
         _m(
             "rslora",
             "rsLoRA (s = alpha/sqrt(r)), AdamW",
             None,
             "adamw",
-            5e-4,
-            LOW_GRID,
-            2e-4,
-            LM_LOW_GRID,
+            cls_lr=5e-4,
+            lm_lr=5e-4,
             rslora=True,
         ),
         _m(
@@ -114,50 +103,40 @@ RECIPES: dict[str, Recipe] = {
             "PiSSA init (peft, exact SVD of W), AdamW",
             "pissa",
             "adamw",
-            2e-4,
-            (1e-4, 2e-4, 5e-4),
-            1e-4,
-            (5e-5, 1e-4, 2e-4),
+            cls_lr=2e-4,
+            lm_lr=2e-4,
         ),
         _m(
             "peft-lora-ga",
             "peft's LoRA-GA init (preprocess_loraga), AdamW",
             "peft-lora-ga",
             "adamw",
-            1e-3,
-            LORA_GRID,
-            2e-4,
-            LM_LOW_GRID,
+            cls_lr=1e-3,
+            lm_lr=5e-4,
         ),
         _m(
             "peft-riemannian",
             "LoRA, peft's Riemannian-preconditioned AdamW (reg 1e-2)",
             None,
             "riemannian",
-            2e-3,
-            HIGH_GRID,
-            5e-4,
-            LM_GRID,
+            cls_lr=2e-3,
+            lm_lr=2e-3,
         ),
         _m(
             "lora-ga",
             "gradlora LoRA-GA init (ArB2r, stable gamma=16), AdamW",
             "lora-ga",
             "adamw",
-            5e-4,
-            LOW_GRID,
-            2e-4,
-            LM_LOW_GRID,
+            cls_lr=5e-4,
+            lm_lr=2e-4,
         ),
         _m(
             "lora-ga-sketch",
             "gradlora LoRA-GA init from the single-pass gradient sketch, AdamW",
             "lora-ga",
             "adamw",
-            5e-4,
-            LOW_GRID,
-            2e-4,
-            LM_LOW_GRID,
+            cls_lr=5e-4,
+            lm_lr=2e-4,
             init_options=(("gradient", "sketch"),),
         ),
         _m(
@@ -165,10 +144,8 @@ RECIPES: dict[str, Recipe] = {
             "gradlora LoRA-GA init with gamma=64 (a 2x smaller init), AdamW",
             "lora-ga",
             "adamw",
-            1e-3,
-            LORA_GRID,
-            5e-4,
-            LM_GRID,
+            cls_lr=1e-3,
+            lm_lr=5e-4,
             init_options=(("gamma", 64),),
         ),
         _m(
@@ -176,10 +153,8 @@ RECIPES: dict[str, Recipe] = {
             "gradlora LoRA-GA init, scale matched to LoRA's first AdamW step, AdamW",
             "lora-ga",
             "adamw",
-            2e-3,
-            HIGH_GRID,
-            5e-4,
-            LM_GRID,
+            cls_lr=2e-3,
+            lm_lr=1e-3,
             init_options=(("scale", "matched"),),
         ),
         _m(
@@ -187,40 +162,32 @@ RECIPES: dict[str, Recipe] = {
             "gradlora LoRA-One init (gamma=128), preconditioned AdamW",
             "lora-one",
             "preconditioned",
-            2e-3,
-            HIGH_GRID,
-            5e-4,
-            LM_GRID,
+            cls_lr=2e-3,
+            lm_lr=2e-3,
         ),
         _m(
             "lora-one-init",
             "gradlora LoRA-One init (gamma=128), plain AdamW",
             "lora-one",
             "adamw",
-            1e-3,
-            LORA_GRID,
-            5e-4,
-            LM_GRID,
+            cls_lr=1e-3,
+            lm_lr=1e-3,
         ),
         _m(
             "lora-pro",
             "LoRA, gradlora LoRA-Pro optimizer (efficient mode)",
             None,
             "lora-pro",
-            1e-3,
-            LORA_GRID,
-            5e-4,
-            LM_GRID,
+            cls_lr=1e-3,
+            lm_lr=2e-3,
         ),
         _m(
             "lora-ga+lora-pro",
             "gradlora LoRA-GA init, LoRA-Pro optimizer (efficient mode)",
             "lora-ga",
             "lora-pro",
-            5e-4,
-            LOW_GRID,
-            2e-4,
-            LM_LOW_GRID,
+            cls_lr=5e-4,
+            lm_lr=2e-4,
         ),
     ]
 }
