@@ -2,7 +2,7 @@
 # The learning-rate sweeps of issue 15 (docs/benchmarks.md, "Learning-rate curves"): three tasks,
 # eight methods, 5 rates each (full: 3-4), seed 0 for the sweep, seeds 1 and 2 at each method's
 # best rate (chosen on validation loss). Resumable: re-running skips every finished run, so the
-# sweeps may be completed over several invocations. Usage: benchmarks/lr_sweeps.sh [a|b|c ...]
+# sweeps may be completed over several invocations. Usage: benchmarks/lr_sweeps.sh [a|b|c|one ...]
 # Each bench process is single-threaded (OMP_NUM_THREADS=1): on 2 cores, run two tasks at once
 # (benchmarks/lr_sweeps.sh a & benchmarks/lr_sweeps.sh b); two-thread processes sharing the cores
 # with anything else slow down several-fold (OpenMP threads spin while they wait).
@@ -53,7 +53,20 @@ main() {
         $(lrs 2e-5,5e-5,1e-4,2e-4,5e-4 2e-4,5e-4,1e-3,2e-3,5e-3 1e-5,3e-5,1e-4,3e-4 \
           2e-5,5e-5,1e-4,2e-4,5e-4,1e-3) \
         --out benchmarks/results/lr-smollm2-arithmetic ;;
-    *) echo "unknown task $task (a, b or c)" >&2; exit 2 ;;
+    one) # LoRA-One's init with plain AdamW (lora-one-init) on the three tasks, same protocol and
+      # LoRA-like grids (Hamlet's from 5e-4): is lora-one behind on the causal LMs because of its
+      # init or of its preconditioned AdamW? Added after the sweeps above, as a diagnostic.
+      $GRADLORA bench --model minilm --data rotten-tomatoes --steps 100 --batch-size 16 \
+        --max-length 64 --methods lora-one-init --seeds 0,1,2 --no-progress \
+        --lrs lora-one-init=2e-4,5e-4,1e-3,2e-3,5e-3 --out benchmarks/results/lr-lora-one-init-minilm
+      $GRADLORA bench --model smollm2 --data hamlet --steps 40 --batch-size 8 --max-length 32 \
+        --val-size 96 --test-size 96 --methods lora-one-init --seeds 0,1,2 --no-progress \
+        --lrs lora-one-init=5e-4,1e-3,2e-3,5e-3,1e-2 --out benchmarks/results/lr-lora-one-init-hamlet
+      $GRADLORA bench --model smollm2 --data arithmetic --steps 32 --batch-size 8 --max-length 96 \
+        --val-size 96 --test-size 128 --methods lora-one-init --seeds 0,1,2 --no-progress \
+        --lrs lora-one-init=2e-4,5e-4,1e-3,2e-3,5e-3 \
+        --out benchmarks/results/lr-lora-one-init-arithmetic ;;
+    *) echo "unknown task $task (a, b, c or one)" >&2; exit 2 ;;
     esac
   done
 }

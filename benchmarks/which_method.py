@@ -279,6 +279,51 @@ def matched_section(facts: dict[str, dict], final: bool) -> list[str]:
     return lines + ["", f"Matched as the default: {verdict_line}{state}.", ""]
 
 
+DIAGNOSTIC = {  # task -> the lora-one-init sweep of `benchmarks/lr_sweeps.sh one`
+    "MiniLM / Rotten Tomatoes": "lr-lora-one-init-minilm",
+    "SmolLM2 / Hamlet": "lr-lora-one-init-hamlet",
+    "SmolLM2 / arithmetic": "lr-lora-one-init-arithmetic",
+}
+
+
+def diagnostic_section(facts: dict[str, dict], all_results: dict[str, dict | None]) -> list[str]:
+    """LoRA-One's init with plain AdamW (``lora-one-init``), swept after the eight methods with
+    the same protocol to tell whether lora-one's init or its preconditioned AdamW is behind:
+    its test score at its best rate at every budget and at LoRA's best rate, against LoRA's
+    (verdicts as above), next to lora-one's. Not one of the issue's methods: not in the goals."""
+    lines = [
+        "## Diagnostic: LoRA-One's init with plain AdamW (`benchmarks/lr_sweeps.sh one`)",
+        "",
+        "Swept after the eight methods, same protocol; not counted in the goals above.",
+        "",
+        "| task | method | best lr | test score by step (vs LoRA) | at LoRA's rate, seed 0 |",
+        "|---|---|---|---|---|",
+    ]
+    for task, folder in DIAGNOSTIC.items():
+        f, main, diag = facts.get(task, {}), all_results.get(task), load(folder)
+        if "steps" not in f or not main or not diag or not complete(diag, ["lora-one-init"]):
+            lines.append(f"| {task} | lora-one-init | - | not finished | - |")
+            continue
+        key, lora_lr = f"test_{f['metric']}", main["methods"]["lora"]["best_lr"]
+        lora = f["budgets_by_method"]["lora"]
+        for method, results in (("lora-one-init", diag), ("lora-one", main)):
+            m = results["methods"][method]
+            cells = []
+            for s in f["steps"]:
+                stat = m["at_budgets"][s][key]
+                cells.append(f"@{s} {fmt(stat)} ({verdict(stat, lora[s], f['higher'])})")
+            p = at_rate(results, method, lora_lr, f["metric"])
+            if p is None or p["val_loss"] is None:
+                at_lora = "-"
+            else:
+                one = {"mean": p[key], "std": 0.0, "n": 1}
+                at_lora = f"{p[key]:.3f} ({verdict(one, f['final']['lora'], f['higher'])})"
+            lines.append(
+                f"| {task} | {method} | {m['best_lr']:g} | " + ", ".join(cells) + f" | {at_lora} |"
+            )
+    return lines + [""]
+
+
 def cost_section(all_results: dict[str, dict | None]) -> list[str]:
     """What each sweep has cost so far: one-thread process time summed over its stored runs
     (build with the init, training, evaluations), as measured while sharing the 2 cores."""
@@ -322,6 +367,7 @@ def main() -> None:
     lines += matched_section(facts, matched_final)
     rates = default_rates(all_results)
     lines += rates_section(rates)
+    lines += diagnostic_section(facts, all_results)
     lines += cost_section(all_results)
     Path(args.out + ".md").write_text("\n".join(lines))
     Path(args.out + ".json").write_text(json.dumps(facts | {"default_rates": rates}, indent=1))
