@@ -22,9 +22,11 @@ def test_on_ladder_takes_the_nearest_rung_in_log_scale(lr, rung):
 
 @pytest.mark.parametrize("low, high", [(2e-4, 5e-4), (2e-3, 5e-3), (5e-5, 1e-4), (1e-3, 2e-3)])
 def test_on_ladder_breaks_a_halfway_tie_downwards(low, high):
-    # the geometric mean of two neighbouring rungs: which side float rounding lands on must not
-    # decide the default rate
-    assert which_method.on_ladder(math.sqrt(low * high)) == low
+    # the geometric mean of two neighbouring rungs, computed both ways (default_rates takes
+    # exp of the mean log; most of these land a hair above halfway): which side float rounding
+    # lands on must not decide the default rate
+    for mean in (math.sqrt(low * high), math.exp((math.log(high) + math.log(low)) / 2)):
+        assert which_method.on_ladder(mean) == low
 
 
 def _sweep(best: dict[str, float], seeds: int = 3) -> dict:
