@@ -33,37 +33,38 @@ lrs() {  # LOW HIGH FULL [PEFT_LORA_GA, default LOW]
     --lrs "lora-ga=$low" --lrs "peft-lora-ga=$peft_low"
 }
 main() {
+  # each task's model, data and sizes, shared by its sweep and by the diagnostic (one)
+  local minilm="--model minilm --data rotten-tomatoes --steps 100 --batch-size 16 --max-length 64"
+  local hamlet="--model smollm2 --data hamlet --steps 40 --batch-size 8 --max-length 32"
+  hamlet+=" --val-size 96 --test-size 96"
+  local arithmetic="--model smollm2 --data arithmetic --steps 32 --batch-size 8 --max-length 96"
+  arithmetic+=" --val-size 96 --test-size 128"
+  local seeds="--seeds 0,1,2 --no-progress"
   for task in ${@:-a b c}; do
     case $task in
     a) # MiniLM / Rotten Tomatoes: 100 steps of 16 x 64 tokens
-      $GRADLORA bench --model minilm --data rotten-tomatoes --steps 100 --batch-size 16 \
-        --max-length 64 --methods $METHODS --seeds 0,1,2 --no-progress \
+      $GRADLORA bench $minilm --methods $METHODS $seeds \
         $(lrs 5e-5,1e-4,2e-4,5e-4,1e-3 2e-4,5e-4,1e-3,2e-3,5e-3 2e-5,5e-5,1e-4,2e-4,5e-4 \
           5e-5,1e-4,2e-4,5e-4,1e-3,2e-3) \
         --out benchmarks/results/lr-minilm ;;
     b) # SmolLM2-135M / Hamlet: 40 steps of 8 chunks x 32 tokens
-      $GRADLORA bench --model smollm2 --data hamlet --steps 40 --batch-size 8 --max-length 32 \
-        --val-size 96 --test-size 96 --methods $METHODS --seeds 0,1,2 --no-progress \
+      $GRADLORA bench $hamlet --methods $METHODS $seeds \
         $(lrs 2e-5,5e-5,1e-4,2e-4,5e-4,1e-3 1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,1e-2 1e-5,3e-5,1e-4,3e-4,1e-3 \
           2e-5,5e-5,1e-4,2e-4,5e-4,1e-3,2e-3) \
         --out benchmarks/results/lr-smollm2-hamlet ;;
     c) # SmolLM2-135M / arithmetic word problems, scored by exact match of greedy generations
-      $GRADLORA bench --model smollm2 --data arithmetic --steps 32 --batch-size 8 --max-length 96 \
-        --val-size 96 --test-size 128 --methods $METHODS --seeds 0,1,2 --no-progress \
+      $GRADLORA bench $arithmetic --methods $METHODS $seeds \
         $(lrs 2e-5,5e-5,1e-4,2e-4,5e-4 2e-4,5e-4,1e-3,2e-3,5e-3 1e-5,3e-5,1e-4,3e-4 \
           2e-5,5e-5,1e-4,2e-4,5e-4,1e-3) \
         --out benchmarks/results/lr-smollm2-arithmetic ;;
     one) # LoRA-One's init with plain AdamW (lora-one-init) on the three tasks, same protocol and
       # LoRA-like grids (Hamlet's from 5e-4): is lora-one behind on the causal LMs because of its
       # init or of its preconditioned AdamW? Added after the sweeps above, as a diagnostic.
-      $GRADLORA bench --model minilm --data rotten-tomatoes --steps 100 --batch-size 16 \
-        --max-length 64 --methods lora-one-init --seeds 0,1,2 --no-progress \
+      $GRADLORA bench $minilm --methods lora-one-init $seeds \
         --lrs lora-one-init=2e-4,5e-4,1e-3,2e-3,5e-3 --out benchmarks/results/lr-lora-one-init-minilm
-      $GRADLORA bench --model smollm2 --data hamlet --steps 40 --batch-size 8 --max-length 32 \
-        --val-size 96 --test-size 96 --methods lora-one-init --seeds 0,1,2 --no-progress \
+      $GRADLORA bench $hamlet --methods lora-one-init $seeds \
         --lrs lora-one-init=5e-4,1e-3,2e-3,5e-3,1e-2 --out benchmarks/results/lr-lora-one-init-hamlet
-      $GRADLORA bench --model smollm2 --data arithmetic --steps 32 --batch-size 8 --max-length 96 \
-        --val-size 96 --test-size 128 --methods lora-one-init --seeds 0,1,2 --no-progress \
+      $GRADLORA bench $arithmetic --methods lora-one-init $seeds \
         --lrs lora-one-init=2e-4,5e-4,1e-3,2e-3,5e-3 \
         --out benchmarks/results/lr-lora-one-init-arithmetic ;;
     *) echo "unknown task $task (a, b, c or one)" >&2; exit 2 ;;
