@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 
 from gradlora.cli.lr_report import budget_metric
+from gradlora.cli.recipes import ladder_rungs
 
 RESULTS = Path(__file__).parent / "results"
 TASKS = {
@@ -157,9 +158,7 @@ def on_ladder(lr: float) -> float:
     """The nearest rate (in log scale) of the 1-2-5 ladder: ..., 1e-4, 2e-4, 5e-4, 1e-3, ...
     Halfway between two rungs (the geometric mean of 2e-4 and 5e-4 is exactly halfway) it takes
     the lower one, whatever the rounding: a rate too low costs steps, one too high can diverge."""
-    exp = math.floor(math.log10(lr))
-    options = sorted(c * 10.0**e for e in (exp - 1, exp, exp + 1) for c in (1, 2, 5))
-    return float(f"{min(options, key=lambda x: round(abs(math.log(x / lr)), 9)):.0e}")
+    return min(ladder_rungs(lr), key=lambda x: round(abs(math.log(x / lr)), 9))
 
 
 def default_rates(all_results: dict[str, dict | None]) -> dict:

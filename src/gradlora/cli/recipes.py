@@ -54,11 +54,17 @@ class Recipe:
         return self.grid[kind]
 
 
-def _ladder(lr: float) -> tuple[float, float, float]:
-    """``lr`` and its two neighbours on the 1-2-5 ladder (..., 1e-4, 2e-4, 5e-4, 1e-3, ...):
-    the 3-value grid of a sweep around a default rate."""
+def ladder_rungs(lr: float) -> list[float]:
+    """The rungs of the 1-2-5 ladder (..., 1e-4, 2e-4, 5e-4, 1e-3, ...) from the decade below
+    ``lr``'s to the decade above, ascending, each the float of its exact decimal."""
     exp = math.floor(math.log10(lr) + 1e-9)
-    rungs = [float(f"{c}e{e}") for e in (exp - 1, exp, exp + 1) for c in (1, 2, 5)]
+    return [float(f"{c}e{e}") for e in (exp - 1, exp, exp + 1) for c in (1, 2, 5)]
+
+
+def _ladder(lr: float) -> tuple[float, float, float]:
+    """``lr`` and its two neighbours on the 1-2-5 ladder: the 3-value grid of a sweep around a
+    default rate."""
+    rungs = ladder_rungs(lr)
     i = next((i for i, x in enumerate(rungs) if math.isclose(x, lr, rel_tol=1e-9)), None)
     if i is None:
         raise ValueError(f"default rate {lr:g} is not on the 1-2-5 ladder")
