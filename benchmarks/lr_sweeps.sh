@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The learning-rate sweeps of issue 15 (docs/benchmarks.md, "Learning-rate curves"): three tasks,
 # eight methods, 5 rates each (full: 3-4), seed 0 for the sweep, seeds 1 and 2 at each method's
-# best rate (chosen on validation loss). Resumable: re-running skips every finished run, so the
+# best rate (chosen on validation loss); issue 26 adds seeds 3 and 4 at the best rates of lora,
+# lora-ga, lora-ga-matched, lora-pro and lora-one-init (5 pairs for the paired comparisons), and
+# the 'damping' task: LoRA-One's preconditioner lambda at lora-one's best rate. Resumable: re-running skips every finished run, so the
 # sweeps may be completed over several invocations. Usage: benchmarks/lr_sweeps.sh [a|b|c|one ...]
 # Each bench process is single-threaded (OMP_NUM_THREADS=1): on 2 cores, run two tasks at once
 # (benchmarks/lr_sweeps.sh a & benchmarks/lr_sweeps.sh b); two-thread processes sharing the cores
@@ -40,6 +42,10 @@ main() {
   local arithmetic="--model smollm2 --data arithmetic --steps 32 --batch-size 8 --max-length 96"
   arithmetic+=" --val-size 96 --test-size 128"
   local seeds="--seeds 0,1,2 --no-progress"
+  local five=0,1,2,3,4  # the methods of the paired comparisons get 5 seeds at their best rate
+  seeds+=" --seeds-for lora=$five --seeds-for lora-ga=$five --seeds-for lora-ga-matched=$five"
+  seeds+=" --seeds-for lora-pro=$five"
+  local one="--seeds 0,1,2,3,4 --no-progress"  # lora-one-init alone: every method gets five
   for task in ${@:-a b c}; do
     case $task in
     a) # MiniLM / Rotten Tomatoes: 100 steps of 16 x 64 tokens
@@ -60,14 +66,34 @@ main() {
     one) # LoRA-One's init with plain AdamW (lora-one-init) on the three tasks, same protocol and
       # LoRA-like grids (Hamlet's from 5e-4): is lora-one behind on the causal LMs because of its
       # init or of its preconditioned AdamW? Added after the sweeps above, as a diagnostic.
-      $GRADLORA bench $minilm --methods lora-one-init $seeds \
+      $GRADLORA bench $minilm --methods lora-one-init $one \
         --lrs lora-one-init=2e-4,5e-4,1e-3,2e-3,5e-3 --out benchmarks/results/lr-lora-one-init-minilm
-      $GRADLORA bench $hamlet --methods lora-one-init $seeds \
+      $GRADLORA bench $hamlet --methods lora-one-init $one \
         --lrs lora-one-init=5e-4,1e-3,2e-3,5e-3,1e-2 --out benchmarks/results/lr-lora-one-init-hamlet
-      $GRADLORA bench $arithmetic --methods lora-one-init $seeds \
+      $GRADLORA bench $arithmetic --methods lora-one-init $one \
         --lrs lora-one-init=2e-4,5e-4,1e-3,2e-3,5e-3 \
         --out benchmarks/results/lr-lora-one-init-arithmetic ;;
-    *) echo "unknown task $task (a, b, c or one)" >&2; exit 2 ;;
+    damping) # issue 26: lora-one (preconditioned AdamW) at its best rate (2e-3 on both causal
+      # LMs) with the damping lambda of (B^T B + lambda I) and (A A^T + lambda I) at 1e-4, 1e-2
+      # and 1 (absolute: added to the r x r Gram matrices); 1e-6, the default, is the sweep's
+      # own run. Seed 0 at each lambda; then seeds 1 and 2 at the lambda with the lowest
+      # validation loss, chosen by benchmarks/damping.py, which also writes the report.
+      for lam in 1e-4 1e-2 1; do
+        $GRADLORA bench $hamlet --methods lora-one --seeds 0 --no-progress --lrs lora-one=2e-3 \
+          --damping $lam --out benchmarks/results/damping-hamlet/lambda-$lam
+        $GRADLORA bench $arithmetic --methods lora-one --seeds 0 --no-progress \
+          --lrs lora-one=2e-3 --damping $lam --out benchmarks/results/damping-arithmetic/lambda-$lam
+      done ;;
+    damping-seeds) # seeds 1 and 2 at the best lambda of each task (after 'damping')
+      local lam
+      lam=$(python benchmarks/damping.py --best hamlet)
+      [ "$lam" = 1e-6 ] || $GRADLORA bench $hamlet --methods lora-one --seeds 0,1,2 --no-progress \
+        --lrs lora-one=2e-3 --damping $lam --out benchmarks/results/damping-hamlet/lambda-$lam
+      lam=$(python benchmarks/damping.py --best arithmetic)
+      [ "$lam" = 1e-6 ] || $GRADLORA bench $arithmetic --methods lora-one --seeds 0,1,2 \
+        --no-progress --lrs lora-one=2e-3 --damping $lam \
+        --out benchmarks/results/damping-arithmetic/lambda-$lam ;;
+    *) echo "unknown task $task (a, b, c, one, damping or damping-seeds)" >&2; exit 2 ;;
     esac
   done
 }

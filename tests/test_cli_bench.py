@@ -105,6 +105,33 @@ def test_bench_resumes_and_recomputes_only_on_a_changed_config(tmp_path):
     assert (tmp_path / "losses.png").stat().st_size > 5000
 
 
+def test_seeds_for_gives_one_method_more_seeds_and_damping_keys_its_runs(tmp_path):
+    """--seeds-for lora=0,1,2 runs lora's extra seeds at its best rate while the other methods
+    keep --seeds; --damping reaches the pair optimizer and changes the run and its key."""
+    grids = {"lora": [1e-3, 3e-3], "lora-pro": [1e-3]}
+    cfg = small(
+        tmp_path,
+        methods=["lora", "lora-pro"],
+        seeds=[0, 1],
+        lrs=grids,
+        seeds_for={"lora": [0, 1, 2]},
+        steps=2,
+    )
+    bench = Bench(cfg, tmp_path / "a", log=lambda s: None)
+    results = bench.run()
+    assert results["methods"]["lora"]["seeds"] == [0, 1, 2]
+    assert results["methods"]["lora-pro"]["seeds"] == [0, 1]
+    assert bench.computed == 2 + 2 + 1 + 1
+    plain = bench.get_or_run("lora-pro", 1e-3, 0)
+    damped = Bench(
+        small(tmp_path, methods=["lora-pro"], lrs=grids, steps=2, damping=1.0),
+        tmp_path / "b",
+        log=lambda s: None,
+    ).get_or_run("lora-pro", 1e-3, 0)
+    assert damped["spec"]["damping"] == 1.0 and "damping" not in plain["spec"]
+    assert damped["key"] != plain["key"] and damped["losses"][1] != plain["losses"][1]
+
+
 def test_same_batches_and_dropout_for_every_method(tmp_path):
     """Two methods at one seed train on identical batches; a second seed changes the order."""
     bench = Bench(small(tmp_path), tmp_path, log=lambda s: None)

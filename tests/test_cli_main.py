@@ -281,6 +281,11 @@ def test_train_refuses_bad_numbers_before_loading_anything(
         (["--lrs", "lora=-1e-3"], "--lrs"),
         (["--lrs", "full=nan"], "--lrs"),
         (["--lrs", "lora=1e-3", "--lrs", "lora=2e-3"], "--lrs names lora twice"),
+        (["--seeds", "0,1", "--seeds-for", "lora=1,2"], "--seeds-for lora"),
+        (["--seeds-for", "lora=0", "--seeds-for", "lora=0,1"], "--seeds-for"),
+        (["--seeds-for", "lora=a"], "--seeds-for"),
+        (["--methods", "lora-one", "--damping", "0"], "--damping"),
+        (["--methods", "lora,lora-one", "--damping", "1e-4"], "--damping"),
     ],
 )
 def test_bench_refuses_bad_numbers_before_loading_anything(

@@ -66,6 +66,9 @@ class Bench:
         bad_lrs = [m for m in cfg.lrs if m not in RECIPES]
         if bad_lrs:
             raise GradLoraError(f"--lrs names unknown method(s) {bad_lrs}")
+        bad_seeds = [m for m in cfg.seeds_for if m not in cfg.methods]
+        if bad_seeds:
+            raise GradLoraError(f"--seeds-for names method(s) {bad_seeds} not in --methods")
         if cfg.select not in ("val-loss", "val-acc"):
             raise GradLoraError(f"--select must be val-loss or val-acc, not {cfg.select!r}")
         if not cfg.seeds:
@@ -186,6 +189,7 @@ class Bench:
                 device=self.device,
                 progress=False,
                 quantize=cfg.quantize,
+                damping=cfg.damping,
             )
             sched = loop.make_scheduler(built.optimizer, cfg.schedule, cfg.steps, cfg.warmup)
             budgets: dict[str, Any] = {}  # step -> val and test metrics part way
@@ -241,15 +245,23 @@ class Bench:
 
     # ------------------------------------------------------------------ the sweep
 
+    def seeds(self, method: str) -> list[int]:
+        """``method``'s seeds: the sweep seed first, then those run only at its best rate."""
+        cfg = self.cfg
+        if method in cfg.seeds_for:
+            return list(cfg.seeds_for[method])
+        extra = cfg.methods if cfg.extra_seeds_for is None else cfg.extra_seeds_for
+        return list(cfg.seeds) if method in extra else list(cfg.seeds[:1])
+
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        extra = cfg.methods if cfg.extra_seeds_for is None else cfg.extra_seeds_for
         for method in cfg.methods:
+            seeds = self.seeds(method)
             for lr in self.grid(method):
-                self.get_or_run(method, lr, cfg.seeds[0])
-            best = best_lr(self.runs, method, cfg.seeds[0], cfg.select)
-            if best is not None and method in extra:
-                for seed in cfg.seeds[1:]:
+                self.get_or_run(method, lr, seeds[0])
+            best = best_lr(self.runs, method, seeds[0], cfg.select)
+            if best is not None:
+                for seed in seeds[1:]:
                     self.get_or_run(method, best, seed)
             self.save()  # the report so far: worth looking at while the sweep goes on
         return self.save()

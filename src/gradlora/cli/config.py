@@ -13,6 +13,7 @@ import torch
 
 from ..errors import GradLoraError
 from .data import QUANTIZE
+from .recipes import DAMPED, RECIPES
 from .tasks import CLASSIFICATION, DataSource, Task, load_task
 
 # bump when a change of the code changes what a bench run with the same settings computes
@@ -41,6 +42,9 @@ class RunConfig:
     test_size: float | None = None  # count or fraction; None: 1,000 (rotten-tomatoes) / 10%
     num_layers: int | None = None  # keep only the first transformer blocks (tests, smoke runs)
     quantize: str | None = None  # "nf4" / "int8": a bitsandbytes base (QLoRA); None: fp32
+    damping: float | None = (
+        None  # lambda of the pair optimizers (preconditioned, lora-pro); None: theirs
+    )
     device: str = "auto"  # "auto": cuda if available, else cpu
     progress: bool = True  # tqdm bars
 
@@ -55,6 +59,7 @@ class RunConfig:
         _positive("--alpha", self.alpha)
         _positive("--val-size", self.val_size)
         _positive("--test-size", self.test_size)
+        _positive("--damping", self.damping)
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise GradLoraError(
                 f"--weight-decay must be a finite number >= 0; got {self.weight_decay:g}"
@@ -67,6 +72,15 @@ class RunConfig:
             raise GradLoraError(
                 f"--warmup-steps must be between 0 and --steps ({self.steps}); "
                 f"got {self.warmup_steps}"
+            )
+
+    def check_damping(self, methods: list[str]) -> None:
+        """--damping needs every method to train with a pair optimizer that has a lambda."""
+        undamped = [m for m in methods if m in RECIPES and RECIPES[m].optimizer not in DAMPED]
+        if self.damping is not None and undamped:
+            raise GradLoraError(
+                f"--damping is the lambda of the pair optimizers ({', '.join(DAMPED)}); "
+                f"{', '.join(undamped)} train(s) without one: drop --damping or those methods"
             )
 
     @property
@@ -117,6 +131,7 @@ class RunConfig:
             "warmup_steps": self.warmup,
             # only when set, so that the keys of every earlier (fp32) run stay as they were
             **({"quantize": self.quantize} if self.quantize is not None else {}),
+            **({"damping": self.damping} if self.damping is not None else {}),
         }
 
 
@@ -129,11 +144,20 @@ class BenchConfig(RunConfig):
     sweep: bool = True  # False: each method at its default rate (or its single --lrs value)
     seeds: list[int] = field(default_factory=lambda: [0])  # first: the sweep; rest: best lr only
     extra_seeds_for: list[str] | None = None  # methods that get seeds[1:] (None: all)
+    seeds_for: dict[str, list[int]] = field(default_factory=dict)  # per-method seeds (override)
     select: str = "val-loss"  # "val-loss" (lowest) or "val-acc" (highest) picks the best lr
     smooth_window: int = 20  # trailing mean of the reported training loss
 
     def validate(self) -> None:
         super().validate()
+        self.check_damping(self.methods)
+        for method, seeds in self.seeds_for.items():
+            if not seeds or seeds[0] != self.seeds[0]:
+                raise GradLoraError(
+                    f"--seeds-for {method}: its seeds must start with the sweep seed "
+                    f"{self.seeds[0]} (the first of --seeds), so that every method is swept on "
+                    f"the same seed; got {seeds}"
+                )
         for method, grid in self.lrs.items():
             bad = [lr for lr in grid if not (math.isfinite(lr) and lr > 0)]
             if bad:
@@ -159,6 +183,7 @@ class TrainConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
+        self.check_damping([self.method])
         _positive("--lr", self.lr)
         _at_least("--save-every", self.save_every, 0, "(0: never)")
         if self.fsdp and (self.save_every or self.resume):

@@ -77,6 +77,22 @@ def _size(text: str) -> float:
     return value
 
 
+def _seed_lists(items: list[str]) -> dict[str, list[int]]:
+    out = {}
+    for item in items:
+        method, sep, values = item.partition("=")
+        if not sep or method not in RECIPES or method in out:
+            raise GradLoraError(
+                f"--seeds-for takes METHOD=SEED[,SEED...], each method once, with METHOD in "
+                f"{', '.join(RECIPES)}; got {item!r}"
+            )
+        try:
+            out[method] = _ints(values)
+        except ValueError:
+            raise GradLoraError(f"--seeds-for {item!r}: seeds must be integers") from None
+    return out
+
+
 def _lr_grids(items: list[str]) -> dict[str, list[float]]:
     out = {}
     for item in items:
@@ -170,6 +186,13 @@ def _common(p: argparse.ArgumentParser, steps: int, batch: int | None, length: i
         default=None,
         help="load the base in 4-bit nf4 or 8-bit with bitsandbytes (QLoRA); LoRA methods only",
     )
+    p.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help="lambda of the pair optimizers (lora-one's preconditioned AdamW: 1e-6, lora-pro: "
+        "1e-8), added to the r x r Gram matrices B^T B and A A^T (default: the optimizer's)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -222,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="METHODS",
         help="methods that get the extra seeds (default: all)",
+    )
+    b.add_argument(
+        "--seeds-for",
+        action="append",
+        default=[],
+        metavar="METHOD=SEED,SEED,...",
+        help="one method's seeds, replacing --seeds and --extra-seeds-for for it; the first must "
+        "be the sweep seed (repeatable)",
     )
     b.add_argument(
         "--select",
@@ -285,6 +316,7 @@ def _run_fields(args) -> dict:
         test_size=args.test_size,
         num_layers=args.num_layers,
         quantize=args.quantize,
+        damping=args.damping,
         device=args.device,
         progress=not args.no_progress,
     )
@@ -307,6 +339,7 @@ def _bench(args) -> int:
         sweep=not args.no_sweep,
         seeds=seeds,
         extra_seeds_for=extra,
+        seeds_for=_seed_lists(args.seeds_for),
         select=args.select,
     )
     cfg.validate()  # before any data, model or gradient is touched

@@ -200,6 +200,9 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+DAMPED = ("preconditioned", "lora-pro")  # the optimizers with a damping lambda
+
+
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise GradLoraError(f"unknown method {name!r}; choose from {', '.join(RECIPES)}")
@@ -246,6 +249,7 @@ def build(
     progress: bool = False,
     quantize: str | None = None,
     shard: Callable[[nn.Module], Any] | None = None,
+    damping: float | None = None,
 ) -> Built:
     """A fresh model of ``task`` prepared for ``method`` and its optimizer.
 
@@ -253,9 +257,14 @@ def build(
     every method of one seed starts from the same pretrained weights and head. Gradient inits
     use the first ``init_batches`` of ``train_batches``: the batches training starts with.
     ``shard`` (``gradlora train --fsdp``) is applied to the PeftModel before the init and the
-    optimizer.
+    optimizer. ``damping`` replaces the pair optimizer's lambda (``preconditioned``, ``lora-pro``).
     """
     method = get_recipe(method) if isinstance(method, str) else method
+    if damping is not None and method.optimizer not in DAMPED:
+        raise GradLoraError(
+            f"--damping is the lambda of the pair optimizers ({', '.join(DAMPED)}); method "
+            f"{method.name} trains with {method.optimizer!r}: drop --damping"
+        )
     if quantize is not None and method.init not in (None, "lora-ga", "lora-one"):
         raise GradLoraError(
             f"--quantize {quantize} with method {method.name}: full fine-tuning, PiSSA and peft's "
@@ -295,5 +304,6 @@ def build(
         summary = report.summary()
     init_seconds = time.perf_counter() - start if method.init is not None else 0.0
 
-    opt = create_optimizer(model, method.optimizer, lr=lr, weight_decay=weight_decay)
+    extra = {} if damping is None else {"damping": damping}
+    opt = create_optimizer(model, method.optimizer, lr=lr, weight_decay=weight_decay, **extra)
     return Built(model, opt, init_seconds, summary)

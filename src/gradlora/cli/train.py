@@ -182,6 +182,7 @@ def _main_train(cfg: TrainConfig, ranks: Ranks) -> int:
         device=device,
         progress=progress,
         quantize=cfg.quantize,
+        damping=cfg.damping,
         shard=(lambda m: fsdp.shard(m, device)) if cfg.fsdp else None,
     )
     model, opt = built.model, built.optimizer
