@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 import gradlora  # noqa: E402
 from gradlora.cli.data import load_minilm_lora, load_rotten_tomatoes, make_batches  # noqa: E402
-from gradlora.targets import find_targets  # noqa: E402
+from gradlora.peft_view import supported_layers  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # (label, init method or None, init options, optimizer, lr)
@@ -62,7 +62,7 @@ def mean_loss_backward(model, batches) -> None:
 def effective_weights(model) -> dict[str, torch.Tensor]:
     """W + s B A per target, (m, n), fp32."""
     out = {}
-    for t in find_targets(model):
+    for t in supported_layers(model)[0]:
         W = t.weight_mn().detach().float()
         out[t.name] = W + t.scaling * (t.B.detach() @ t.A.detach())
     return out
@@ -81,7 +81,7 @@ def run_case(label, method, options, optimizer, lr, batches, G, W0, spaces) -> d
     model = fresh_model()
     if method:
         gradlora.initialize(model, batches, method=method, progress=False, **options)
-    targets = find_targets(model)
+    targets = supported_layers(model)[0]
     offset = [  # ||s B0 A0|| / ||W||: how far LoRA-GA offsets W, or LoRA-One moves it
         (t.scaling * (t.B.detach() @ t.A.detach())).norm().item() / W0[t.name].norm().item()
         for t in targets
@@ -133,12 +133,12 @@ def first_step_property(batches, G, spaces, eta: float) -> float:
     float64 (in fp32 the difference of two products cancels below the O(eta^2) remainder)."""
     model = fresh_model().double()
     gradlora.initialize(model, batches, method="lora-ga", progress=False)
-    before = {t.name: t.scaling * (t.B.detach() @ t.A.detach()) for t in find_targets(model)}
+    before = {t.name: t.scaling * (t.B.detach() @ t.A.detach()) for t in supported_layers(model)[0]}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=eta)
     mean_loss_backward(model, batches)
     opt.step()
     errors = []
-    for t in find_targets(model):
+    for t in supported_layers(model)[0]:
         c2 = math.sqrt(t.shape[0]) / 16  # c^2 = m^(1/2) / gamma, gamma = 16
         want = -eta * t.scaling**2 * c2 * spaces[t.name][2]
         got = t.scaling * (t.B.detach() @ t.A.detach()) - before[t.name]
@@ -153,7 +153,7 @@ def main() -> None:
     tok = load_minilm_lora(num_hidden_layers=1)[1]
     batches = make_batches(tok, train, 32, 64, 8)
     G = gradlora.estimate_gradients(model, batches, progress=False)
-    W0 = {t.name: t.weight_mn().detach().float().clone() for t in find_targets(model)}
+    W0 = {t.name: t.weight_mn().detach().float().clone() for t in supported_layers(model)[0]}
     spaces = top_spaces(G, 16)
     rows = [run_case(*case, batches, G, W0, spaces) for case in CASES]
     model64 = fresh_model().double()

@@ -14,7 +14,7 @@ Cases, each in fresh processes under ``torch.distributed.run`` with 1 thread per
               rank: the memory reference
 Per rank: SVD-phase and capture seconds (``InitReport``, wall), total initialize seconds, the
 CPU seconds this rank spent in the decompositions of the layers it owns and how many it owned
-(``initialization.init_from_gradient`` / ``init_from_svd`` and ``LayerSketch.svd`` wrapped
+(``init.initialize.init_from_gradient`` / ``init_from_svd`` and ``LayerSketch.svd`` wrapped
 with a timer: with one thread per rank this is the rank's SVD work, whatever else shares the
 machine), and the
 process's RSS high-water mark during the case (reset at its start; ``increase`` = peak minus
@@ -86,9 +86,9 @@ def worker(case: str, out: Path) -> None:
     import torch.distributed as dist
 
     import gradlora
-    from gradlora import initialization
+    from gradlora.init import initialize as initialization
+    from gradlora.init.sketch import LayerSketch
     from gradlora.meter import measure
-    from gradlora.sketch import LayerSketch
 
     dist.init_process_group("gloo")
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))

@@ -59,7 +59,7 @@ def build(model_name: str, args, device):
     """(base model, LoraConfig factory, batches) on ``device``; same weights and data every call."""
     from peft import LoraConfig
 
-    from gradlora.capture import move_to
+    from gradlora.init.capture import move_to
 
     if model_name == "minilm":
         from gradlora.cli.data import (
@@ -178,9 +178,9 @@ def run_quality(args, passes_list=(1, 2, 3)) -> dict:
     from peft import get_peft_model
 
     import gradlora
-    from gradlora.sketch import sketch_svds
-    from gradlora.spectral import captured_energy
-    from gradlora.targets import find_targets
+    from gradlora.init.formulas import captured_energy
+    from gradlora.init.sketch import sketch_svds
+    from gradlora.peft_view import supported_layers
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     dev = torch.device(args.device)
@@ -188,7 +188,7 @@ def run_quality(args, passes_list=(1, 2, 3)) -> dict:
     torch.manual_seed(1)
     model = get_peft_model(base, make_config())
     G = gradlora.estimate_gradients(model, batches, num_batches=len(batches), progress=False)
-    targets = find_targets(model)
+    targets = supported_layers(model)[0]
     ranks = {t.name: 2 * t.rank for t in targets}
     out = {}
     for passes in passes_list:

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 import gradlora  # noqa: E402
 from gradlora.cli.data import load_minilm_lora, load_rotten_tomatoes, make_batches  # noqa: E402
-from gradlora.spectral import exact_svd, randomized_svd  # noqa: E402
+from gradlora.init.formulas import exact_svd, randomized_svd  # noqa: E402
 
 
 def main(k: int = 16) -> None:

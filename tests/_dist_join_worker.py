@@ -23,8 +23,8 @@ import torch.distributed as dist
 from conftest import assert_same_snapshot, make_batches, model_snapshot, tiny_peft
 
 import gradlora
-from gradlora.distributed import check_joined
-from gradlora.targets import find_targets
+from gradlora.parallel.collectives import check_joined
+from gradlora.peft_view import supported_layers
 
 ARCH, R = "gpt2", 2
 
@@ -77,7 +77,7 @@ def main(out: Path) -> None:
     )
     result["subgroup/ranks"] = report.ranks
     result["subgroup/num_batches"] = report.num_batches
-    result["subgroup/A"] = [t.A.detach().clone() for t in find_targets(model)]
+    result["subgroup/A"] = [t.A.detach().clone() for t in supported_layers(model)[0]]
 
     dist.barrier()
     start, n = time.perf_counter(), 20

@@ -16,8 +16,8 @@ from conftest import make_batches, tiny_peft
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradlora
-from gradlora.distributed import synchronize_targets
-from gradlora.targets import find_targets
+from gradlora.parallel.collectives import synchronize_targets
+from gradlora.peft_view import supported_layers
 
 ARCH, R = "gpt2", 2
 CASES = {  # name: initialize options
@@ -28,7 +28,7 @@ CASES = {  # name: initialize options
 
 def tensors(model) -> dict[str, torch.Tensor]:
     out = {}
-    for t in find_targets(model):
+    for t in supported_layers(model)[0]:
         out[f"{t.name}.A"] = t.A.detach().clone()
         out[f"{t.name}.B"] = t.B.detach().clone()
         out[f"{t.name}.W"] = t.weight.detach().clone()
@@ -69,12 +69,12 @@ def main(out: Path) -> None:
     # repair: a one-ulp difference on rank 1 is detected and replaced by rank 0's weight
     model, _ = tiny_peft(ARCH, r=R)
     gradlora.initialize(model, mine, num_batches=4, progress=False)
-    t = find_targets(model)[3]
+    t = supported_layers(model)[0][3]
     if rank == 1:
         with torch.no_grad():
             t.weight.view(-1)[5] = torch.nextafter(t.weight.view(-1)[5], torch.tensor(1e9))
-    result["repair/first"] = synchronize_targets(find_targets(model))
-    result["repair/second"] = synchronize_targets(find_targets(model))
+    result["repair/first"] = synchronize_targets(supported_layers(model)[0])
+    result["repair/second"] = synchronize_targets(supported_layers(model)[0])
     result["repair/W"] = t.weight.detach().clone()
     torch.save(result, out / f"rank{rank}.pt")
     dist.destroy_process_group()

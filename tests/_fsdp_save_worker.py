@@ -24,8 +24,9 @@ from conftest import tiny_base, tiny_peft
 from peft import PeftModel
 
 import gradlora
-from gradlora.signature import relative_difference, weight_signature
-from gradlora.targets import find_targets
+from gradlora.adapter.io import relative_difference
+from gradlora.adapter.offset import weight_signature
+from gradlora.peft_view import supported_layers
 
 
 def check_save(result: dict, batches, mine, rank: int, out: Path) -> None:
@@ -66,7 +67,7 @@ def check_signature(result: dict, out: Path) -> None:
     gradlora.save_adapter(model, out / "vanilla")
     if dist.get_rank() == 0:
         sidecar = json.loads((out / "vanilla" / "gradlora.json").read_text())
-        ref = {t.name: t.weight_mn() for t in find_targets(tiny_peft("llama", r=R)[0])}
+        ref = {t.name: t.weight_mn() for t in supported_layers(tiny_peft("llama", r=R)[0])[0]}
         result["vanilla_converted"] = sidecar["converted"]
         result["signature_diff"] = max(
             relative_difference(weight_signature(W, n), sidecar["base"][n]) for n, W in ref.items()

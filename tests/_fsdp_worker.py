@@ -22,8 +22,8 @@ from conftest import make_batches, tiny_peft
 from torch.distributed.fsdp import fully_shard
 
 import gradlora
-from gradlora.sharding import local
-from gradlora.targets import find_targets
+from gradlora.parallel.sharding import local
+from gradlora.peft_view import supported_layers
 
 R, LR, TOL = 4, 1e-2, 1e-3
 INIT_CASES = {  # name: initialize options
@@ -52,7 +52,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def whole(model) -> dict[str, dict[str, torch.Tensor]]:
     """Per layer: whole A, B, s B A and the effective weight W_eff the layer computes with."""
     out = {}
-    for t in find_targets(model):
+    for t in supported_layers(model)[0]:
         A, B = t.A.full_tensor() if t.sharded else t.A, t.B.full_tensor() if t.sharded else t.B
         W = t.weight.full_tensor() if t.sharded else t.weight
         delta = t.scaling * B @ A
@@ -146,7 +146,9 @@ def check_refusals(result: dict, mine) -> None:
         result["per_process_error"] = None
     except gradlora.GradLoraError as e:
         result["per_process_error"] = str(e)
-    result["untouched_after_refusal"] = all(t.init_factors() is None for t in find_targets(model))
+    result["untouched_after_refusal"] = all(
+        t.init_factors() is None for t in supported_layers(model)[0]
+    )
 
 
 def run_rank(out: Path, checks: Callable[[dict, list, list, int], None]) -> None:

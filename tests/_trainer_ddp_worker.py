@@ -26,8 +26,8 @@ from test_integrations_transformers import Probe, logits
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import gradlora
-import gradlora.portable_save as portable_save
-from gradlora.targets import find_targets
+import gradlora.adapter.portable_save as portable_save
+from gradlora.peft_view import supported_layers
 
 CASE = os.environ.get("GRADLORA_TEST_CASE", "trainer")
 EVAL = make_batches("llama", n=2)
@@ -45,7 +45,7 @@ class Rows(torch.utils.data.IterableDataset):
 
 def tensors(model) -> dict[str, torch.Tensor]:
     out = {}
-    for t in find_targets(model):
+    for t in supported_layers(model)[0]:
         for key, x in (("A", t.A), ("B", t.B), ("W", t.weight)):
             out[f"{t.name}.{key}"] = x.detach().clone()
     return out

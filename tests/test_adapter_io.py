@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel
 from transformers.pytorch_utils import Conv1D
 
 import gradlora
-from gradlora.targets import find_targets
+from gradlora.peft_view import supported_layers
 
 TESTS = Path(__file__).parent
 
@@ -40,7 +40,7 @@ def logits(model, batches):
 
 def test_targets_are_named_as_in_the_base_model(arch):
     model, original = tiny_peft(arch)
-    targets = find_targets(model)
+    targets = supported_layers(model)[0]
     assert len(targets) == {"llama": 14, "bert": 13, "gpt2": 8}[arch]
     for t in targets:
         m = original.get_submodule(t.name)
@@ -100,7 +100,7 @@ def test_load_adapter_resumes_training_exactly(tmp_path, arch):
     gradlora.save_adapter(model, tmp_path)
     loaded = gradlora.load_adapter(tiny_base(arch), tmp_path)
     assert isinstance(loaded, PeftModel)
-    for a, b in zip(find_targets(model), find_targets(loaded), strict=True):
+    for a, b in zip(supported_layers(model)[0], supported_layers(loaded)[0], strict=True):
         assert torch.equal(a.weight, b.weight), a.name  # same offset base weight, bit for bit
         assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
         assert all(

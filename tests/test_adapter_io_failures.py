@@ -20,7 +20,7 @@ from conftest import (
 )
 
 import gradlora
-from gradlora.targets import find_targets
+from gradlora.peft_view import supported_layers
 
 # --- load_adapter: missing, corrupt or foreign checkpoints --------------------------------------
 
@@ -93,15 +93,15 @@ def test_plain_peft_adapter_without_sidecar_loads_as_is(tmp_path):
     """No sidecar means a plain peft adapter (e.g. model.save_pretrained of vanilla LoRA): it is
     loaded as it is, trainable, and gives the saved model's outputs."""
     model, _ = tiny_peft("gpt2")
-    for t in find_targets(model):  # make the adapter non-trivial
+    for t in supported_layers(model)[0]:  # make the adapter non-trivial
         torch.nn.init.normal_(t.B, std=0.1)
     model.save_pretrained(tmp_path)
     assert not (tmp_path / "gradlora.json").exists()
     batches = make_batches("gpt2")
     loaded = gradlora.load_adapter(tiny_base("gpt2"), tmp_path)
     torch.testing.assert_close(logits(loaded, batches), logits(model, batches), rtol=0, atol=0)
-    assert all(t.A.requires_grad and t.B.requires_grad for t in find_targets(loaded))
-    assert all(t.init_factors() is None for t in find_targets(loaded))
+    assert all(t.A.requires_grad and t.B.requires_grad for t in supported_layers(loaded)[0])
+    assert all(t.init_factors() is None for t in supported_layers(loaded)[0])
 
 
 def test_save_adapter_on_a_bare_module_with_lora_layers(tmp_path):

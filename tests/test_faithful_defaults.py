@@ -10,10 +10,9 @@ import torch
 from conftest import make_batches, tiny_peft
 
 import gradlora
-from gradlora.inits import LoraGA, LoraOne, init_from_gradient
+from gradlora.init.formulas import LoraGA, LoraOne, exact_svd, init_from_gradient
 from gradlora.optim import LoraProAdamW
-from gradlora.spectral import exact_svd
-from gradlora.targets import find_targets
+from gradlora.peft_view import supported_layers
 
 # --- LoRA-Pro: a float64 transcription of the reference optimizer ------------------------------
 
@@ -134,7 +133,7 @@ def test_lora_one_default_init_matches_the_exact_svd_on_a_slow_spectrum():
 
 
 def _first_adamw_deltas(model, batches, lr=1e-3):
-    targets = find_targets(model)
+    targets = supported_layers(model)[0]
     before = {t.name: t.scaling * t.B.detach() @ t.A.detach() for t in targets}
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0

@@ -10,9 +10,9 @@ from conftest import tiny_peft
 from test_distributed import torchrun
 
 import gradlora
-from gradlora import sharding
-from gradlora.distributed import assign_owners
-from gradlora.targets import find_targets, peft_model_of, unwrap
+from gradlora.parallel import sharding
+from gradlora.parallel.collectives import assign_owners
+from gradlora.peft_view import peft_model_of, supported_layers, unwrap
 
 TOL = 1e-3
 
@@ -119,7 +119,7 @@ def test_fsdp1_is_refused_naming_fsdp2():
 def test_unwrap_leaves_an_unsharded_peft_model_alone():
     model, _ = tiny_peft("llama")
     assert unwrap(model) is model and peft_model_of(model) is model
-    assert not any(t.sharded for t in find_targets(model))
+    assert not any(t.sharded for t in supported_layers(model)[0])
 
 
 def test_assign_owners_balances_and_is_deterministic():

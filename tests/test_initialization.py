@@ -12,7 +12,7 @@ from conftest import (
 )
 
 import gradlora
-from gradlora.targets import find_targets
+from gradlora.peft_view import supported_layers
 
 
 def outputs(model, batches):
@@ -31,9 +31,9 @@ def test_lora_ga_keeps_outputs(arch, rslora):
     for a, b in zip(before, after, strict=True):
         assert (a - b).abs().max() < 1e-5 * a.abs().max()
     # the init did change A, B and W: the test above is not vacuous
-    t = find_targets(model)[0]
+    t = supported_layers(model)[0][0]
     assert t.B.abs().max() > 0 and t.init_factors() is not None
-    assert set(report.layers) == {t.name for t in find_targets(model)}
+    assert set(report.layers) == {t.name for t in supported_layers(model)[0]}
 
 
 @pytest.mark.parametrize("direction", ["ArB2r", "A2rBr", "ArBr"])
@@ -47,7 +47,7 @@ def test_first_sgd_step_equals_best_rank_2r_full_step(direction, rslora):
     gradlora.initialize(
         model, batches, num_batches=2, progress=False, direction=direction, gamma=gamma
     )
-    targets = find_targets(model)
+    targets = supported_layers(model)[0]
     G = reference_gradients(original, batches, [t.name for t in targets])
 
     model.train()
@@ -81,7 +81,7 @@ def test_lora_one_function_is_one_normalized_gradient_step(arch):
     model, original = tiny_peft(arch, r=r)
     batches = make_batches(arch)
     rep = gradlora.initialize(model, batches, method="lora-one", num_batches=3, progress=False)
-    targets = find_targets(model)
+    targets = supported_layers(model)[0]
     G = reference_gradients(original, batches, [t.name for t in targets])
     model.eval()
     for t in targets:
@@ -126,7 +126,7 @@ def test_bf16_model_init_keeps_outputs():
     after = outputs(model, batches)
     for a, b in zip(before, after, strict=True):
         assert (a.float() - b.float()).abs().max() < 0.05 * a.float().abs().max()
-    t = find_targets(model)[0]
+    t = supported_layers(model)[0][0]
     assert t.weight.dtype == torch.bfloat16 and t.init_factors()[0].dtype == t.A.dtype
 
 
@@ -185,7 +185,7 @@ def test_only_active_adapter_is_initialized():
     for k, v in model.state_dict().items():
         if ".other." in k:
             assert torch.equal(v, other_before[k]), k
-    assert all(t.adapter == "default" for t in find_targets(model))
+    assert all(t.adapter == "default" for t in supported_layers(model)[0])
 
 
 class TwoLayerNet(torch.nn.Module):

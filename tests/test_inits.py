@@ -5,13 +5,13 @@ import torch
 from test_spectral import known_svd
 
 from gradlora import GradLoraError
-from gradlora.inits import (
+from gradlora.adapter.offset import offset_weight
+from gradlora.init.formulas import (
     LoraGA,
     LoraOne,
     check_rank,
     init_from_gradient,
     make_method,
-    offset_weight,
 )
 
 

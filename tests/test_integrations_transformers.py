@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 
 import gradlora
 import gradlora.integrations.transformers as gtrainer
-from gradlora.targets import find_targets, peft_model_of
+from gradlora.peft_view import peft_model_of, supported_layers
 
 TESTS = Path(__file__).parent
 
@@ -75,7 +75,7 @@ class Probe(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
         self.steps += 1
         if self.first is None:
-            targets = find_targets(model)
+            targets = supported_layers(model)[0]
             ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
             assert all(id(t.A) in ids and id(t.B) in ids for t in targets)  # same tensors
             self.first = {
@@ -91,7 +91,9 @@ def expected_init(arch, method, batches, **kw):
     """A, B and base weights of a fresh copy initialized directly on ``batches``."""
     model, _ = tiny_peft(arch, **kw)
     gradlora.initialize(model, batches, method=method, num_batches=len(batches), progress=False)
-    return {t.name: (t.A.detach(), t.B.detach(), t.weight.detach()) for t in find_targets(model)}
+    return {
+        t.name: (t.A.detach(), t.B.detach(), t.weight.detach()) for t in supported_layers(model)[0]
+    }
 
 
 def assert_same_init(got, want):
@@ -165,7 +167,9 @@ def test_lora_ga_trainer_init_once_before_step_one_and_portable_saves(tmp_path, 
     assert_same_init(
         probe.first, expected_init("llama", "lora-ga", make_batches("llama", n=2), r=2)
     )
-    assert not torch.equal(find_targets(model)[0].B, probe.first[find_targets(model)[0].name][1])
+    assert not torch.equal(
+        supported_layers(model)[0][0].B, probe.first[supported_layers(model)[0][0].name][1]
+    )
 
     trainer.save_model(str(tmp_path / "final"))
     for folder in (tmp_path / "checkpoint-2", tmp_path / "final"):
@@ -230,7 +234,7 @@ def test_resume_from_checkpoint_restores_lora_ga_without_reinit(tmp_path, init_c
     )
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert init_calls == [2] and callback.report is None and callback.resumed_at == 2
-    for a, b in zip(find_targets(model), find_targets(fresh), strict=True):
+    for a, b in zip(supported_layers(model)[0], supported_layers(fresh)[0], strict=True):
         torch.testing.assert_close(b.weight, a.weight, rtol=0, atol=0)  # offset again, exactly
         torch.testing.assert_close(b.A, a.A, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(
@@ -267,10 +271,10 @@ def test_second_train_call_does_not_reinit(tmp_path, init_calls):
         callbacks=[callback],
     )
     trainer.train()
-    trained = find_targets(model)[0].B.detach().clone()
+    trained = supported_layers(model)[0][0].B.detach().clone()
     trainer.train()
     assert init_calls == [1]
-    assert not torch.equal(find_targets(model)[0].B, trained)  # trained on, not reset
+    assert not torch.equal(supported_layers(model)[0][0].B, trained)  # trained on, not reset
 
 
 def test_errors_name_the_fix(tmp_path):

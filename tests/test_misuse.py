@@ -17,8 +17,8 @@ from peft import PeftModel
 from transformers import Trainer, TrainingArguments
 
 import gradlora
-from gradlora.initialization import InitReport
-from gradlora.targets import find_targets
+from gradlora.init.initialize import InitReport
+from gradlora.peft_view import supported_layers
 
 
 def _rows(n=2, batch=4):
@@ -72,7 +72,7 @@ def test_optimizer_factory_lets_the_trainer_build_the_real_optimizer(tmp_path, n
     ref, _ = tiny_peft("llama", r=2)
     opt = gradlora.create_optimizer(ref, name, **kwargs)
     _trainer(tmp_path / "b", ref, optimizers=(opt, None)).train()
-    for a, b in zip(find_targets(built), find_targets(ref), strict=True):
+    for a, b in zip(supported_layers(built)[0], supported_layers(ref)[0], strict=True):
         assert not torch.equal(a.B, torch.zeros_like(a.B))  # it trained
         torch.testing.assert_close(a.A, b.A, rtol=0, atol=0)
         torch.testing.assert_close(a.B, b.B, rtol=0, atol=0)
@@ -85,7 +85,7 @@ def test_manual_lora_ga_init_makes_peft_save_pretrained_portable(tmp_path):
     batches = make_batches("llama")
     gradlora.initialize(model, batches, method="lora-ga", num_batches=2, progress=False)
     with torch.no_grad():
-        for t in find_targets(model):
+        for t in supported_layers(model)[0]:
             t.B.add_(0.01)  # as if trained: the adapter is no longer its init
     model.save_pretrained(tmp_path / "plain")
     loaded = PeftModel.from_pretrained(tiny_base("llama"), tmp_path / "plain")

@@ -15,9 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradlora import GradLoraError
-from gradlora.inits import LoraGA, LoraOne, init_from_gradient
+from gradlora.init.formulas import (
+    LoraGA,
+    LoraOne,
+    best_rank_approx,
+    exact_svd,
+    init_from_gradient,
+    randomized_svd,
+)
 from gradlora.optim import precondition
-from gradlora.spectral import best_rank_approx, exact_svd, randomized_svd
 
 FAST = settings(
     max_examples=int(os.environ.get("GRADLORA_HYPOTHESIS_EXAMPLES", 25)),

@@ -17,8 +17,8 @@ from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import gradlora
 from gradlora.cli.data import quantization_config
-from gradlora.spectral import best_rank_approx
-from gradlora.targets import find_targets
+from gradlora.init.formulas import best_rank_approx
+from gradlora.peft_view import supported_layers
 
 pytest.importorskip("bitsandbytes", reason="install the quant extra: pip install bitsandbytes")
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
@@ -71,7 +71,7 @@ def dequantized_copy(path, peft_model):
     """The float model computing with W_q: the saved fp32 model, target weights replaced."""
     float_model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
-        for t in find_targets(peft_model):
+        for t in supported_layers(peft_model)[0]:
             float_model.get_submodule(t.name).weight.copy_(t.weight_mn())
     return float_model
 
@@ -87,11 +87,11 @@ def eval_logits(model, batches):
 
 
 def packed(model):
-    return {t.name: t.weight.detach().clone() for t in find_targets(model)}
+    return {t.name: t.weight.detach().clone() for t in supported_layers(model)[0]}
 
 
 def sgd_step(model, batches, lr):
-    params = [p for t in find_targets(model) for p in (t.A, t.B)]
+    params = [p for t in supported_layers(model)[0] for p in (t.A, t.B)]
     model.train()
     loss = sum(model(**b).loss for b in batches) / len(batches)
     grads = torch.autograd.grad(loss, params)
@@ -113,7 +113,7 @@ def test_lora_ga_on_a_quantized_base(saved_llama, kind, tmp_path):
     before_logits = eval_logits(model, batches)
     before_packed = packed(model)
     G = reference_gradients(
-        dequantized_copy(saved_llama, model), batches, [t.name for t in find_targets(model)]
+        dequantized_copy(saved_llama, model), batches, [t.name for t in supported_layers(model)[0]]
     )
     report = gradlora.initialize(model, batches, method="lora-ga", num_batches=2, progress=False)
     assert report.offset == "adapter"
@@ -125,7 +125,7 @@ def test_lora_ga_on_a_quantized_base(saved_llama, kind, tmp_path):
     # one SGD step moves each effective weight by -eta s^2 c^2 [G_q]_2r (first order in eta)
     sgd_step(model, batches, ETA)
     worst = 0.0
-    for t in find_targets(model):
+    for t in supported_layers(model)[0]:
         m = t.shape[0]
         c2 = m**0.5 / 16.0  # c = m^(1/4) / sqrt(gamma), gamma = 16
         want = -ETA * t.scaling**2 * c2 * best_rank_approx(G[t.name], 2 * t.rank)
@@ -144,10 +144,10 @@ def test_lora_one_on_a_4bit_base(saved_llama):
     batches = make_batches("llama", n=2)
     before_packed = packed(model)
     G = reference_gradients(
-        dequantized_copy(saved_llama, model), batches, [t.name for t in find_targets(model)]
+        dequantized_copy(saved_llama, model), batches, [t.name for t in supported_layers(model)[0]]
     )
     gradlora.initialize(model, batches, method="lora-one", num_batches=2, progress=False)
-    for t in find_targets(model):
+    for t in supported_layers(model)[0]:
         assert torch.equal(t.weight, before_packed[t.name])
         sigma1 = torch.linalg.svdvals(G[t.name].double())[0].item()
         want = -t.scaling / (sigma1 * 128) * best_rank_approx(G[t.name], t.rank)
@@ -157,10 +157,16 @@ def test_lora_one_on_a_4bit_base(saved_llama):
 
 def test_offset_weight_on_a_quantized_base_is_refused_untouched(saved_llama):
     model = lora(quantized_base(saved_llama, "nf4"))
-    before = {**packed(model), **{t.name + ".B": t.B.detach().clone() for t in find_targets(model)}}
+    before = {
+        **packed(model),
+        **{t.name + ".B": t.B.detach().clone() for t in supported_layers(model)[0]},
+    }
     with pytest.raises(gradlora.GradLoraError, match="offset='adapter'"):
         gradlora.initialize(model, make_batches("llama", n=2), offset="weight", progress=False)
-    after = {**packed(model), **{t.name + ".B": t.B.detach().clone() for t in find_targets(model)}}
+    after = {
+        **packed(model),
+        **{t.name + ".B": t.B.detach().clone() for t in supported_layers(model)[0]},
+    }
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -171,15 +177,17 @@ def test_offset_adapter_on_a_float_base_matches_offset_weight(tmp_path):
     models = {}
     for mode in ("weight", "adapter"):
         model = lora(small_llama())
-        base_w = {t.name: t.weight.detach().clone() for t in find_targets(model)}
+        base_w = {t.name: t.weight.detach().clone() for t in supported_layers(model)[0]}
         original = eval_logits(model, batches)
         gradlora.initialize(model, batches, offset=mode, num_batches=2, progress=False)
         torch.testing.assert_close(eval_logits(model, batches), original, rtol=1e-5, atol=1e-6)
-        unchanged = all(torch.equal(t.weight, base_w[t.name]) for t in find_targets(model))
+        unchanged = all(torch.equal(t.weight, base_w[t.name]) for t in supported_layers(model)[0])
         assert unchanged == (mode == "adapter")
         sgd_step(model, batches, ETA)
         models[mode] = model
-    for a, b in zip(find_targets(models["weight"]), find_targets(models["adapter"]), strict=True):
+    for a, b in zip(
+        supported_layers(models["weight"])[0], supported_layers(models["adapter"])[0], strict=True
+    ):
         torch.testing.assert_close(a.A, b.A, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(a.B, b.B, rtol=1e-5, atol=1e-7)
     trained = models["adapter"]
@@ -210,7 +218,7 @@ def test_optimizers_step_on_a_4bit_model(saved_llama, name, kw):
     before = packed(model)
     opt = gradlora.create_optimizer(model, name, lr=1e-3, **kw)
     assert sum(len(g["params"]) for g in opt.param_groups if g["lora_pairs"]) == 2 * len(before)
-    start = [(t.A.detach().clone(), t.B.detach().clone()) for t in find_targets(model)]
+    start = [(t.A.detach().clone(), t.B.detach().clone()) for t in supported_layers(model)[0]]
     losses = []
     for b in batches * 2:
         model.train()
@@ -219,7 +227,7 @@ def test_optimizers_step_on_a_4bit_model(saved_llama, name, kw):
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    for t, (A, B) in zip(find_targets(model), start, strict=True):
+    for t, (A, B) in zip(supported_layers(model)[0], start, strict=True):
         assert torch.equal(t.weight, before[t.name])
         assert not torch.equal(t.A, A) and not torch.equal(t.B, B)
     assert all(torch.isfinite(torch.tensor(losses)))

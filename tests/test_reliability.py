@@ -23,8 +23,8 @@ from conftest import (
 from peft import PeftModel, get_peft_model
 
 import gradlora
-import gradlora.inits
-from gradlora.targets import find_targets
+import gradlora.init.formulas
+from gradlora.peft_view import supported_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,7 +45,7 @@ def init_fails_untouched(model, error, match, batches, **kw):
 
 def test_quantized_base_weight_is_refused():
     model, _ = tiny_peft("llama")
-    t = find_targets(model)[2]
+    t = supported_layers(model)[0][2]
     int8 = t.weight.detach().mul(100).to(torch.int8)
     t.layer.base_layer.weight = torch.nn.Parameter(int8, requires_grad=False)
     init_fails_untouched(
@@ -77,12 +77,12 @@ def test_other_adapter_name_works_end_to_end(tmp_path):
     batches = make_batches("gpt2")
     before = logits(model, batches)
     report = gradlora.initialize(model, batches, num_batches=3, progress=False)
-    assert {t.adapter for t in find_targets(model)} == {"mine"} and len(report.layers) == 8
+    assert {t.adapter for t in supported_layers(model)[0]} == {"mine"} and len(report.layers) == 8
     torch.testing.assert_close(logits(model, batches), before, rtol=1e-4, atol=1e-5)
     gradlora.save_adapter(model, tmp_path)
     loaded = gradlora.load_adapter(tiny_base("gpt2"), tmp_path, adapter_name="mine")
     assert loaded.active_adapter == "mine"
-    for a, b in zip(find_targets(model), find_targets(loaded), strict=True):
+    for a, b in zip(supported_layers(model)[0], supported_layers(loaded)[0], strict=True):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
 
 
@@ -160,8 +160,8 @@ def test_svd_raises(monkeypatch, fault, method):
             raise fault("LinAlgError (simulated)")
         return real(*args, **kw)
 
-    real = gradlora.inits.top_svd
-    monkeypatch.setattr(gradlora.inits, "top_svd", failing_svd)
+    real = gradlora.init.formulas.top_svd
+    monkeypatch.setattr(gradlora.init.formulas, "top_svd", failing_svd)
     init_fails_untouched(
         model, fault, r"simulated", make_batches("gpt2"), method=method, num_batches=3
     )
@@ -300,10 +300,10 @@ def test_low_precision_offset_rounding(arch, dtype):
     model.to(dtype)
     batches = make_batches(arch)
     before = logits(model, batches).double()
-    W = {t.name: t.weight_mn().detach().clone() for t in find_targets(model)}
+    W = {t.name: t.weight_mn().detach().clone() for t in supported_layers(model)[0]}
     gradlora.initialize(model, batches, num_batches=3, progress=False)
     after = logits(model, batches).double()
-    for t in find_targets(model):
+    for t in supported_layers(model)[0]:
         A0, B0 = t.init_factors()
         assert A0.dtype == B0.dtype == t.weight.dtype == dtype
         Wp = t.weight_mn().detach()

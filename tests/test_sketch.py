@@ -11,17 +11,16 @@ from conftest import (
 )
 
 import gradlora
-from gradlora.accumulators import SketchAccumulator
-from gradlora.capture import capture
-from gradlora.sketch import sketch_sizes, sketch_svds
-from gradlora.spectral import (
+from gradlora.init.capture import capture
+from gradlora.init.formulas import (
     captured_energy,
     exact_svd,
     factored_svd,
     gaussian_test_matrix,
     sketch_svd,
 )
-from gradlora.targets import find_targets
+from gradlora.init.sketch import SketchAccumulator, sketch_sizes, sketch_svds
+from gradlora.peft_view import supported_layers
 
 
 def planted(m, n, spectrum, seed=0):
@@ -129,7 +128,7 @@ def test_sketch_is_exact_on_a_planted_low_rank_gradient(arch, passes):
     sketch must give the exact top-4 triplets (also for GPT-2's transposed Conv1D)."""
     model, original = tiny_peft(arch, r=2)
     batches = few_token_batches(arch, tokens=5)
-    targets = find_targets(model)
+    targets = supported_layers(model)[0]
     G = reference_gradients(original, batches, [t.name for t in targets])
     sketches, used = sketch_svds(
         model,
@@ -171,7 +170,7 @@ def test_sketch_lora_ga_keeps_outputs_and_matches_exact_subspaces(arch):
         after = [sketched(**b).logits for b in eval_batches]
     for a, b in zip(before, after, strict=True):
         assert (a - b).abs().max() < 1e-5 * a.abs().max()
-    for te, ts in zip(find_targets(exact), find_targets(sketched), strict=True):
+    for te, ts in zip(supported_layers(exact)[0], supported_layers(sketched)[0], strict=True):
         assert ts.B.abs().max() > 0 and ts.init_factors() is not None
         torch.testing.assert_close(projector(ts.A.T), projector(te.A.T), rtol=0, atol=1e-4)
         torch.testing.assert_close(projector(ts.B), projector(te.B), rtol=0, atol=1e-4)
@@ -188,7 +187,7 @@ def test_sketch_lora_one_matches_exact_on_planted_gradient():
     kw = dict(method="lora-one", progress=False)
     gradlora.initialize(exact, batches, gradient="exact", **kw)
     gradlora.initialize(sketched, batches, gradient="sketch", sketch_passes=1, **kw)
-    for te, ts in zip(find_targets(exact), find_targets(sketched), strict=True):
+    for te, ts in zip(supported_layers(exact)[0], supported_layers(sketched)[0], strict=True):
         ref = te.B @ te.A
         torch.testing.assert_close(ts.B @ ts.A, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
 
@@ -208,7 +207,7 @@ def test_sketch_is_deterministic_given_the_seed():
             seed=seed,
         )
         results.append(
-            [(t.A.detach().clone(), t.weight.detach().clone()) for t in find_targets(model)]
+            [(t.A.detach().clone(), t.weight.detach().clone()) for t in supported_layers(model)[0]]
         )
     for (a0, w0), (a1, w1) in zip(results[0], results[1], strict=True):
         assert torch.equal(a0, a1) and torch.equal(w0, w1)
@@ -221,7 +220,7 @@ def test_sketch_is_deterministic_given_the_seed():
 def test_more_passes_capture_more_energy():
     model, original = tiny_peft("gpt2", r=2)
     batches = make_batches("gpt2", n=2)
-    targets = find_targets(model)
+    targets = supported_layers(model)[0]
     G = reference_gradients(original, batches, [t.name for t in targets])
     mean_energy = []
     for passes in (1, 2, 4):
@@ -253,7 +252,7 @@ def test_no_weight_requires_grad_during_capture_and_all_restored(arch):
         seen.append([p.requires_grad for p in m.parameters()])
         return m(**batch).loss
 
-    targets = find_targets(model)
+    targets = supported_layers(model)[0]
     accs, used = capture(
         model,
         targets,
@@ -274,7 +273,7 @@ def test_no_weight_requires_grad_during_capture_and_all_restored(arch):
 def test_sketch_accumulator_sums_match_exact_products():
     model, original = tiny_peft("gpt2")
     batches = make_batches("gpt2", n=2)
-    targets = find_targets(model)
+    targets = supported_layers(model)[0]
     G = reference_gradients(original, batches, [t.name for t in targets])
     g = torch.Generator().manual_seed(0)
     mats = {
@@ -301,7 +300,7 @@ def test_bf16_model_sketch_keeps_fp32_and_outputs():
     batches = make_batches("llama")
     rep = gradlora.initialize(model, batches, progress=False, gradient="sketch")
     assert rep.gradient == "sketch"
-    t = find_targets(model)[0]
+    t = supported_layers(model)[0][0]
     assert t.weight.dtype == torch.bfloat16 and t.init_factors() is not None
     assert all(torch.isfinite(torch.tensor(lr.singular_values)).all() for lr in rep.layers.values())
 

@@ -6,13 +6,13 @@ import torch
 from conftest import make_batches, tiny_peft
 
 import gradlora
-from gradlora.sketch import sketch_bytes, sketch_groups, sketch_sizes, sketch_svds
-from gradlora.targets import find_targets
+from gradlora.init.sketch import sketch_bytes, sketch_groups, sketch_sizes, sketch_svds
+from gradlora.peft_view import supported_layers
 
 
 def test_sketch_groups_respect_the_memory():
     model, _ = tiny_peft("llama")
-    targets = find_targets(model)
+    targets = supported_layers(model)[0]
     sizes = {t.name: sketch_sizes(8, t.shape, None) for t in targets}
     need = [sketch_bytes(t.shape, sizes[t.name], 1) for t in targets]
     assert sketch_groups(targets, sizes, 1, None) == [targets]
@@ -31,7 +31,7 @@ def test_sketch_memory_gives_the_same_sketches(passes):
     """One layer per pass (sketch_memory=1) against all layers in one pass: the same triplets
     bit for bit, from batches given as a one-shot iterator."""
     model, _ = tiny_peft("llama")
-    targets = find_targets(model)
+    targets = supported_layers(model)[0]
     batches = make_batches("llama")
     ranks = {t.name: 2 * t.rank for t in targets}
     whole, used = sketch_svds(
@@ -68,10 +68,10 @@ def test_sketch_memory_init_is_the_same_init():
 def test_auto_caps_the_sketch_at_a_training_steps_activations():
     """sketch_memory="auto": the cap is 4 bytes x tokens x sum of (m + n) over the targets,
     from the first batch (a one-shot iterator is not shortened by the peek); the same init."""
-    from gradlora.sketch import step_activation_bytes
+    from gradlora.init.sketch import step_activation_bytes
 
     model, _ = tiny_peft("llama")
-    targets = find_targets(model)
+    targets = supported_layers(model)[0]
     batches = make_batches("llama", n=3, batch=2, seq=5)
     tokens = batches[0]["input_ids"].numel()
     expected = 4 * tokens * sum(m + n for m, n in (t.shape for t in targets))

@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 import gradlora
 from gradlora import GradLoraError
 from gradlora.optim import LoraProAdamW, PreconditionedAdamW
-from gradlora.targets import find_targets
+from gradlora.peft_view import supported_layers
 
 EMBED = "model.embed_tokens"
 LINEAR = ["q_proj", "v_proj"]
@@ -127,14 +127,14 @@ def test_init_skips_embedding_and_initializes_the_rest(method, caplog):
         assert torch.equal(p, q)  # exactly peft's init
     assert torch.equal(base_emb, base_emb_before)
     assert report.skipped == [EMBED] and EMBED not in report.layers
-    targets = find_targets(model, skip_unsupported=True)
+    targets = supported_layers(model, skip_unsupported=True)[0]
     assert {t.name for t in targets} == set(report.layers) and len(targets) == 4
     assert all(t.B.abs().sum() > 0 for t in targets)  # no longer peft's zeros
 
     # the same init as on a model without the embedding LoRA (its peft init adds nothing)
     plain = llama_with_embedding(targets=LINEAR)
     gradlora.initialize(plain, batches, method=method, num_batches=3, progress=False)
-    want = {t.name: t for t in find_targets(plain)}
+    want = {t.name: t for t in supported_layers(plain)[0]}
     for t in targets:
         torch.testing.assert_close(t.B, want[t.name].B)
         torch.testing.assert_close(t.weight, want[t.name].weight)
@@ -154,7 +154,7 @@ def test_init_skips_conv2d_with_a_loss_fn():
     assert report.skipped == ["conv"] and list(report.layers) == ["fc"]
     for p, q in zip(conv.parameters(), conv_before, strict=True):
         assert torch.equal(p, q)
-    (fc,) = find_targets(model, skip_unsupported=True)
+    (fc,) = supported_layers(model, skip_unsupported=True)[0]
     assert fc.B.abs().sum() > 0
     assert not torch.equal(fc.weight, fc_weight)  # LoRA-GA offset the Linear's base weight
 
@@ -205,7 +205,7 @@ def test_optimizers_pair_the_rest_and_give_skipped_layers_plain_adamw(make, capl
         opt = make(model, skip_unsupported=True, **hyper)
     assert len(skip_records(caplog)) == 1 and EMBED in skip_records(caplog)[0].message
 
-    targets = find_targets(model, skip_unsupported=True)
+    targets = supported_layers(model, skip_unsupported=True)[0]
     pair_group, other_group = opt.param_groups
     assert pair_group["lora_pairs"] and not other_group["lora_pairs"]
     assert [id(p) for p in pair_group["params"]] == [id(p) for t in targets for p in (t.A, t.B)]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gradlora.spectral import best_rank_approx, exact_svd, fix_signs, randomized_svd, top_svd
+from gradlora.init.formulas import best_rank_approx, exact_svd, fix_signs, randomized_svd, top_svd
 
 
 def known_svd(m=40, n=30, k=30, seed=0, decay=0.7):

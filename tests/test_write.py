@@ -8,9 +8,9 @@ import torch
 from conftest import assert_same_snapshot, eval_logits, make_batches, model_snapshot, tiny_peft
 
 import gradlora
-import gradlora.inits
-from gradlora import counter_term
-from gradlora.targets import find_targets
+import gradlora.adapter.offset
+import gradlora.init.formulas
+from gradlora.peft_view import supported_layers
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -22,7 +22,7 @@ def one_thread():
 
 
 def weights(model) -> dict:
-    return {t.name: t.weight_mn().detach().clone() for t in find_targets(model)}
+    return {t.name: t.weight_mn().detach().clone() for t in supported_layers(model)[0]}
 
 
 def one_rounding(W: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -36,12 +36,12 @@ def test_float32_offset_is_in_place_and_within_one_rounding(arch):
     inits.offset_weight (fp32 product, then the subtraction)."""
     model, _ = tiny_peft(arch)
     before = weights(model)
-    storage = {t.name: t.weight.data_ptr() for t in find_targets(model)}
+    storage = {t.name: t.weight.data_ptr() for t in supported_layers(model)[0]}
     gradlora.initialize(model, make_batches(arch), num_batches=2, progress=False)
-    for t in find_targets(model):
+    for t in supported_layers(model)[0]:
         A0, B0 = t.init_factors()
         W, Wp = before[t.name], t.weight_mn().detach()
-        ref = gradlora.inits.offset_weight(W, A0, B0, t.scaling)
+        ref = gradlora.adapter.offset.offset_weight(W, A0, B0, t.scaling)
         offset = t.scaling * (B0.double() @ A0.double())
         assert t.weight.data_ptr() == storage[t.name]
         assert ((Wp.double() - ref.double()).abs() <= one_rounding(W, offset, W.dtype)).all()
@@ -70,19 +70,19 @@ def test_interrupted_write_puts_every_layer_back(monkeypatch, fault):
     model, _ = tiny_peft("gpt2")
     batches = make_batches("gpt2")
     before, W = model_snapshot(model), weights(model)
-    calls = fail_at(monkeypatch, counter_term, "install", 5, fault)
+    calls = fail_at(monkeypatch, gradlora.adapter.offset, "install_counter_term", 5, fault)
     with pytest.raises(type(fault)) as info:
         gradlora.initialize(model, batches, num_batches=2, progress=False)
     assert info.value is fault and len(calls) == 5
     assert "4 layer(s) already rewritten" in "".join(getattr(fault, "__notes__", []))
     after = model_snapshot(model)
-    targets = find_targets(model)
+    targets = supported_layers(model)[0]
     base = {f"{t.module_name}.base_layer.weight" for t in targets}
     exact = {k: v for k, v in before["tensors"].items() if k not in base}
     assert all(torch.equal(v, after["tensors"][k]) for k, v in exact.items())
     assert before["buffers"] == after["buffers"]
     for i, t in enumerate(targets):
-        assert t.init_factors() is None and counter_term.offset_mode(t) is None
+        assert t.init_factors() is None and gradlora.adapter.offset.offset_mode(t) is None
         now = t.weight_mn().detach()
         if i >= 4:
             assert torch.equal(now, W[t.name]), t.name
@@ -97,11 +97,11 @@ def test_interrupted_bf16_write_puts_every_layer_back(monkeypatch):
     batches = make_batches("llama")
     W = weights(model)
     fault = RuntimeError("out of memory (simulated)")
-    calls = fail_at(monkeypatch, gradlora.inits, "offset_weight", 3, fault)
+    calls = fail_at(monkeypatch, gradlora.adapter.offset, "offset_weight", 3, fault)
     with pytest.raises(RuntimeError, match="simulated"):
         gradlora.initialize(model, batches, num_batches=2, progress=False)
     assert "2 layer(s) already rewritten" in "".join(fault.__notes__)
-    for i, t in enumerate(find_targets(model)):
+    for i, t in enumerate(supported_layers(model)[0]):
         now, was = t.weight_mn().detach(), W[t.name]
         assert t.init_factors() is None
         if i >= 2:
@@ -119,7 +119,7 @@ def test_fault_in_the_first_layer_leaves_the_model_byte_identical(monkeypatch, o
     model, _ = tiny_peft("llama")
     before = model_snapshot(model)
     fault = RuntimeError("boom")
-    fail_at(monkeypatch, counter_term, "install", 1, fault)
+    fail_at(monkeypatch, gradlora.adapter.offset, "install_counter_term", 1, fault)
     with pytest.raises(RuntimeError, match="boom"):
         gradlora.initialize(
             model, make_batches("llama"), num_batches=2, progress=False, offset=offset
@@ -137,7 +137,7 @@ def test_raw_state_dict_round_trip(tmp_path, offset):
     batches = make_batches("llama")
     gradlora.initialize(model, batches, num_batches=2, progress=False, offset=offset)
     with torch.no_grad():  # a trained adapter: B A no longer equal to B0 A0
-        for t in find_targets(model):
+        for t in supported_layers(model)[0]:
             t.B.add_(0.01)
     want = eval_logits(model, batches)
     torch.save(model.state_dict(), tmp_path / "model.pt")

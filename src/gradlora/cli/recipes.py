@@ -20,9 +20,9 @@ from peft import LoraConfig, LoraGAConfig, get_peft_model
 from peft.tuners.lora.loraga import preprocess_loraga
 from torch import nn
 
-from ..capture import move_to
 from ..errors import GradLoraError
-from ..initialization import initialize
+from ..init.capture import move_to
+from ..init.initialize import initialize
 from ..optim import create_optimizer
 from .tasks import CLASSIFICATION, Task
 

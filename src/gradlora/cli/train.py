@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from ..adapter_io import save_adapter
+from ..adapter.io import save_adapter
 from ..atomic import atomic_write, write_json
-from ..distributed import synchronize
 from ..errors import GradLoraError
+from ..parallel.collectives import synchronize
 from . import fsdp, loop
 from .config import TrainConfig, digest, eval_batch_size, resolve_device
 from .recipes import build, get_recipe

@@ -9,7 +9,7 @@ gradient-based init.
 
 In a multi-process run (torchrun / accelerate launch, DDP) every rank runs the callback, so
 every rank calls ``initialize`` (a collective) on its own shard of the Trainer's batches: G is
-the mean over all ranks' batches and the ranks end bit-identical (``gradlora.distributed``).
+the mean over all ranks' batches and the ranks end bit-identical (``gradlora.parallel.collectives``).
 
 LoRA-GA offsets the frozen base weights (W' = W - s B0 A0), so the rank-r adapter the Trainer
 would save is wrong on the original model. For such a model the callback makes the PeftModel's
@@ -33,12 +33,13 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from ..capture import LossFn
+from ..adapter.portable_save import install_portable_save
 from ..errors import GradLoraError
-from ..initialization import InitReport, initialize
-from ..inits import make_method
-from ..portable_save import install_portable_save
-from ..targets import ZERO3_FIX, is_offset, is_zero3_partitioned, peft_model_of, scan_layers
+from ..init.capture import LossFn
+from ..init.formulas import make_method
+from ..init.initialize import InitReport, initialize
+from ..parallel.sharding import ZERO3_FIX, is_zero3_partitioned
+from ..peft_view import lora_layers, offset_layers, peft_model_of
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class GradLoraCallback(TrainerCallback):
         main = state.is_world_process_zero
         if state.global_step > 0:
             self.resumed_at = state.global_step
-            if self.spec.offsets_base and not is_offset(scan_layers(peft_model)[0]):
+            if self.spec.offsets_base and not offset_layers(lora_layers(peft_model)[0]):
                 raise GradLoraError(
                     f"resumed at step {state.global_step} with {self.method}, but the checkpoint's "
                     "adapter is not gradlora's converted LoRA-GA form, so the base weights were not "

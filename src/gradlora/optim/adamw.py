@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from ..errors import GradLoraError
+from ..parallel.sharding import local
 from ..precision import math_dtype
-from ..sharding import local
 
 
 def check_hyperparameters(lr: float, betas: tuple[float, float], damping: float) -> None:

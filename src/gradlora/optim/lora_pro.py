@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import GradLoraError
+from ..parallel.pair_view import PairView
+from ..parallel.sharding import local
 from ..precision import math_dtype
-from ..sharding import full, gather_rows, local, local_part, local_rows, sum_over_shards
 from .adamw import adam_direction_, adamw_foreach_
 from .gram import damped_eigh, inverse_from_eigh, solve_sylvester_psd
 from .pair_adamw import PairAdamW
@@ -130,23 +131,16 @@ class LoraProAdamW(PairAdamW):
     """
 
     method, factory = "lora-pro", "create_lora_pro_optimizer"
+    default_damping = DAMPING
 
     def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        damping: float = DAMPING,
-        mode: str = "efficient",
-        bias_correction: bool = True,
+        self, params: Iterable[Any], lr: float = 1e-3, mode: str = "efficient", **settings: Any
     ):
+        """``settings``: ``PairSettings``' fields (betas, eps, weight_decay, damping = 1e-8,
+        bias_correction)."""
         if mode not in MODES:
             raise GradLoraError(f"unknown LoRA-Pro mode {mode!r}; choose 'efficient' or 'full'")
-        super().__init__(
-            params, lr, betas, eps, weight_decay, damping, bias_correction, mode=mode, scalings=None
-        )
+        super().__init__(params, lr, {"mode": mode, "scalings": None}, **settings)
 
     def _check_pair_group(self, group: dict[str, Any]) -> None:
         super()._check_pair_group(group)
@@ -168,68 +162,56 @@ class LoraProAdamW(PairAdamW):
                 continue
             As = [params[2 * i] for i in idx]
             Bs = [params[2 * i + 1] for i in idx]
+            view = PairView(As, Bs)  # whole A, B and gradients (FSDP2: gathered; small)
+            g_As, g_Bs = view.grads()
             ss = [group["scalings"][i] for i in idx]
-            # FSDP2: the r x r algebra runs on whole A, B and gradients (gathered; small), and
-            # each rank applies its own shard of the update
-            g_As = [_whole_grad(A) for A in As]
-            g_Bs = [_whole_grad(B) for B in Bs]
-            batch = PairBatch([full(A) for A in As], [full(B) for B in Bs], ss, group["damping"])
+            batch = PairBatch(view.A, view.B, ss, group["damping"])
             if group["mode"] == "efficient":
                 new_A, new_B = batch.adjust(g_As, g_Bs)
                 adamw_foreach_(
                     As + Bs,
-                    [local_part(d, p) for d, p in zip(new_A + new_B, As + Bs, strict=True)],
+                    [view.local(d, p) for d, p in zip(new_A + new_B, As + Bs, strict=True)],
                     [self.state[p] for p in As + Bs],
                     **self._hyper(group),
                 )
             else:
-                self._full_step(group, batch, As, Bs, g_As, g_Bs)
-
-    def _full_step(self, group, batch: PairBatch, As, Bs, g_As, g_Bs) -> None:
-        hyper = self._hyper(group)
-        lr, wd = hyper["lr"], hyper["weight_decay"]
-        D_As, D_Bs = [], []
-        for i, A in enumerate(As):  # one (m, n) g̃ and D live at a time
-            # FSDP2: g̃ and its moments are kept for this rank's rows of B only (the rows of
-            # m), so D_A = s BᵀD is summed over the ranks and D_B = s D Aᵀ gathered by rows
-            rows = local_rows(Bs[i])
-            # the moments of g̃ live in A's state; D = m̂ / (sqrt(v̂) + eps) is AdamW's direction
-            D = adam_direction_(
-                self.state[A],
-                batch.equivalent(i, g_As[i], g_Bs[i], rows),
-                betas=hyper["betas"],
-                eps=hyper["eps"],
-                bias_correction=hyper["bias_correction"],
-            )
-            B = batch.Bs[i] if rows is None else batch.Bs[i][rows]
-            D_As.append(sum_over_shards(batch.s[i] * (B.T @ D), Bs[i]))
-            D_Bs.append(gather_rows(batch.s[i] * (D @ batch.As[i].T), Bs[i]))
-            del D
-        new_A, new_B = batch.adjust(D_As, D_Bs)
-        for p, d in zip(As + Bs, new_A + new_B, strict=True):
-            d, p_local = local_part(d, p), local(p)
-            if wd:
-                p_local.mul_(1 - lr * wd)
-            p_local.add_(d.to(p.dtype), alpha=-lr)
+                directions = [
+                    full_mode_direction(batch, i, g_As[i], g_Bs[i], self.state[A], view, group)
+                    for i, A in enumerate(As)
+                ]
+                new_A, new_B = batch.adjust(*map(list, zip(*directions, strict=True)))
+                view.step_(As + Bs, new_A + new_B, group["lr"], group["weight_decay"])
 
 
-def _whole_grad(p: Tensor) -> Tensor:
-    """p's whole gradient (gathered from FSDP2's shards), zeros if it has none."""
-    if p.grad is None:
-        return torch.zeros(p.shape, dtype=p.dtype, device=local(p).device)
-    return full(p.grad)
+def full_mode_direction(
+    batch: PairBatch, i: int, g_A: Tensor, g_B: Tensor, state: dict, view: PairView, hyper
+) -> tuple[Tensor, Tensor]:
+    """(D_A, D_B) = (s Bᵀ D, s D Aᵀ) of pair i in full mode, with D = m̂ / (sqrt(v̂) + eps) the
+    Adam direction of the equivalent gradient g̃ (m, n), whose moments live in ``state`` (A's).
+
+    One (m, n) g̃ and D live at a time. Under FSDP2 g̃ and its moments are kept for this rank's
+    rows of B only, so D_A is summed over the ranks and D_B gathered by rows (``view``).
+    """
+    rows = view.rows(i)
+    D = adam_direction_(
+        state,
+        batch.equivalent(i, g_A, g_B, rows),
+        betas=hyper["betas"],
+        eps=hyper["eps"],
+        bias_correction=hyper["bias_correction"],
+    )
+    B = batch.Bs[i] if rows is None else batch.Bs[i][rows]
+    D_A = view.sum_rows(i, batch.s[i] * (B.T @ D))
+    D_B = view.gather_rows(i, batch.s[i] * (D @ batch.As[i].T))
+    return D_A, D_B
 
 
 def create_lora_pro_optimizer(
     model: nn.Module,
     lr: float,
     mode: str = "efficient",
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    damping: float = DAMPING,
-    bias_correction: bool = True,
     skip_unsupported: bool = False,
+    **settings: Any,
 ) -> LoraProAdamW:
     """LoraProAdamW over a PeftModel: the active adapter's (A, B) pairs with their scalings
     (alpha/r, or alpha/sqrt(r) with rsLoRA, read from each layer), and every other trainable
@@ -237,7 +219,8 @@ def create_lora_pro_optimizer(
     adapted weight and logs how much memory that is. Works in plain loops, with LR schedulers,
     gradient clipping and ``Trainer(optimizers=(opt, scheduler))``. LoRA on layers other than
     nn.Linear / Conv1D (nn.Embedding, nn.Conv2d) is an error unless ``skip_unsupported=True``,
-    which trains their LoRA weights with plain AdamW, unpaired.
+    which trains their LoRA weights with plain AdamW, unpaired. ``settings``: the fields of
+    ``PairSettings`` (betas, eps, weight_decay, damping = 1e-8, bias_correction).
     """
     if mode not in MODES:
         raise GradLoraError(f"unknown LoRA-Pro mode {mode!r}; choose 'efficient' or 'full'")
@@ -254,10 +237,6 @@ def create_lora_pro_optimizer(
     return LoraProAdamW(
         pair_param_groups(pairs, others, scalings=[pair.scaling for pair in pairs]),
         lr=lr,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        damping=damping,
         mode=mode,
-        bias_correction=bias_correction,
+        **settings,
     )

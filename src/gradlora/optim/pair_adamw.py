@@ -9,6 +9,7 @@ and checks each pair group once, at construction.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -19,7 +20,31 @@ from ..errors import GradLoraError
 from .adamw import adamw_foreach_, check_hyperparameters
 from .pairing import check_pair_group, require_pair_groups
 
-_HYPER = ("lr", "betas", "eps", "weight_decay", "bias_correction")
+
+@dataclass(frozen=True)
+class PairSettings:
+    """The hyperparameters both pair optimizers take besides ``lr``, named once: their classes
+    and their ``create_*_optimizer`` functions accept them as keywords and pass them on."""
+
+    betas: tuple[float, float] = (0.9, 0.999)  # decay rates of Adam's first and second moments
+    eps: float = 1e-8  # added to sqrt(v̂) in Adam's denominator
+    weight_decay: float = 0.0  # decoupled (AdamW): p <- p (1 - lr wd), on A and B too
+    damping: float | None = None  # λ added to the r x r Gram matrices; None: the optimizer's own
+    bias_correction: bool = True  # divide the moments by (1 - β^t)
+
+    @classmethod
+    def of(cls, settings: dict[str, Any], optimizer: str) -> PairSettings:
+        """The settings from keyword arguments; an unknown name is a GradLoraError."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(settings) - set(names))
+        if unknown:
+            raise GradLoraError(
+                f"{optimizer} got unknown setting(s) {unknown}; it takes lr and {', '.join(names)}"
+            )
+        return cls(**settings)
+
+
+_HYPER = ("lr", *(f.name for f in fields(PairSettings) if f.name != "damping"))
 
 
 class PairAdamW(Optimizer):
@@ -27,29 +52,16 @@ class PairAdamW(Optimizer):
 
     method = ""  # the name create_optimizer knows it by (for error messages)
     factory = ""  # the create_*_optimizer that builds its pair groups (for error messages)
+    default_damping = 1e-6  # λ when the settings leave it None
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float,
-        betas: tuple[float, float],
-        eps: float,
-        weight_decay: float,
-        damping: float,
-        bias_correction: bool,
-        **options: Any,
-    ):
-        check_hyperparameters(lr, betas, damping)
+    def __init__(self, params: Iterable[Any], lr: float, options: dict[str, Any], **settings: Any):
+        hyper = PairSettings.of(settings, type(self).__name__)
+        damping = self.default_damping if hyper.damping is None else hyper.damping
+        check_hyperparameters(lr, hyper.betas, damping)
         defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            damping=damping,
-            bias_correction=bias_correction,
-            lora_pairs=False,
-            **options,
+            asdict(hyper), lr=lr, betas=tuple(hyper.betas), damping=damping, lora_pairs=False
         )
+        defaults |= options
         super().__init__(require_pair_groups(params, type(self).__name__, self.method), defaults)
         for group in self.param_groups:
             if group["lora_pairs"]:

@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import GradLoraError
-from ..targets import LoraTarget, find_layers
+from ..peft_view import LoraTarget, supported_layers
 
 _LORA_PARAM_MARKERS = (
     ".lora_A.",
@@ -34,8 +34,8 @@ def _pairs(targets: list[LoraTarget]) -> list[LoraPair]:
 
 def find_lora_pairs(model: nn.Module, skip_unsupported: bool = False) -> list[LoraPair]:
     """The (A, B) pair of every supported LoRA layer of the active adapter (see
-    ``gradlora.targets.find_layers`` for ``skip_unsupported``)."""
-    return _pairs(find_layers(model, skip_unsupported)[0])
+    ``gradlora.peft_view.supported_layers`` for ``skip_unsupported``)."""
+    return _pairs(supported_layers(model, skip_unsupported)[0])
 
 
 def group_by_rank(params: list[Tensor]) -> list[list[int]]:
@@ -57,7 +57,7 @@ def split_trainable(
     adapter's unsupported layers (nn.Embedding, convolutions) are "other" parameters (plain
     AdamW) instead of an error.
     """
-    targets, skipped = find_layers(model, skip_unsupported)
+    targets, skipped = supported_layers(model, skip_unsupported)
     pairs = _pairs(targets)
     paired = {id(p) for pair in pairs for p in (pair.A, pair.B)}
     unpaired = {id(p) for layer in skipped for p in layer.lora_parameters()}

@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..parallel.pair_view import PairView
 from ..precision import math_dtype
-from ..sharding import full, local, local_part, require_row_layout
 from .gram import damped_inverse, gram_inverses
 from .pair_adamw import PairAdamW
 from .pairing import group_by_rank, pair_param_groups, split_trainable
@@ -49,50 +49,36 @@ class PreconditionedAdamW(PairAdamW):
     """
 
     method, factory = "preconditioned", "create_preconditioned_optimizer"
+    default_damping = 1e-6
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        damping: float = 1e-6,
-        bias_correction: bool = True,
-    ):
-        super().__init__(params, lr, betas, eps, weight_decay, damping, bias_correction)
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, **settings: Any):
+        """``settings``: ``PairSettings``' fields (betas, eps, weight_decay, damping = 1e-6,
+        bias_correction)."""
+        super().__init__(params, lr, {}, **settings)
 
     def _step_pairs(self, group: dict[str, Any]) -> None:
         params, grads = [], []
         for idx in group_by_rank(group["params"]):
             As = [group["params"][2 * i] for i in idx]
             Bs = [group["params"][2 * i + 1] for i in idx]
-            # FSDP2: the Gram matrices from whole (gathered) A and B; ĝ_A from the whole
-            # g_A, cut to this rank's shard; ĝ_B row by row from the local rows of g_B
-            damping = group["damping"]
-            B_inv = gram_inverses([full(B) for B in Bs], left=True, damping=damping)
-            A_inv = gram_inverses([full(A) for A in As], left=False, damping=damping)
+            # the Gram matrices from whole A and B (FSDP2: gathered); ĝ_A from the whole g_A,
+            # cut to this rank's part; ĝ_B row by row from this rank's rows of g_B
+            view = PairView(As, Bs)
+            B_inv = gram_inverses(view.B, left=True, damping=group["damping"])
+            A_inv = gram_inverses(view.A, left=False, damping=group["damping"])
             for k, (A, B) in enumerate(zip(As, Bs, strict=True)):
                 if A.grad is not None:
                     params.append(A)
-                    g = B_inv[k] @ full(A.grad).to(B_inv.dtype)
-                    grads.append(local_part(g, A))
+                    g = B_inv[k] @ view.whole_grad(A).to(B_inv.dtype)
+                    grads.append(view.local(g, A))
                 if B.grad is not None:
                     params.append(B)
-                    require_row_layout(B)
-                    grads.append(local(B.grad).to(A_inv.dtype) @ A_inv[k])
+                    grads.append(view.local_grad_rows(B).to(A_inv.dtype) @ A_inv[k])
         self._adamw(group, params, grads)
 
 
 def create_preconditioned_optimizer(
-    model: nn.Module,
-    lr: float,
-    damping: float = 1e-6,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    bias_correction: bool = True,
-    skip_unsupported: bool = False,
+    model: nn.Module, lr: float, skip_unsupported: bool = False, **settings: Any
 ) -> PreconditionedAdamW:
     """PreconditionedAdamW over a PeftModel: the active adapter's (A, B) pairs, preconditioned,
     and every other trainable parameter (classifier head, biases, modules_to_save), plain AdamW.
@@ -101,14 +87,8 @@ def create_preconditioned_optimizer(
     with LR schedulers, and as ``Trainer(optimizers=(opt, scheduler))``. LoRA on layers other
     than nn.Linear / Conv1D (nn.Embedding, nn.Conv2d) is an error unless
     ``skip_unsupported=True``, which trains their LoRA weights with plain AdamW, unpaired.
+    ``settings``: the fields of ``PairSettings`` (betas, eps, weight_decay, damping = 1e-6,
+    bias_correction).
     """
     pairs, others = split_trainable(model, skip_unsupported)
-    return PreconditionedAdamW(
-        pair_param_groups(pairs, others),
-        lr=lr,
-        betas=betas,
-        eps=eps,
-        weight_decay=weight_decay,
-        damping=damping,
-        bias_correction=bias_correction,
-    )
+    return PreconditionedAdamW(pair_param_groups(pairs, others), lr=lr, **settings)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..errors import GradLoraError
-from ..targets import unwrap
+from ..peft_view import unwrap
 from .lora_pro import create_lora_pro_optimizer
 from .preconditioned import create_preconditioned_optimizer
 
@@ -51,15 +51,16 @@ def create_optimizer(model: nn.Module, name: str, lr: float, **kwargs: Any) -> O
 
     "adamw": torch AdamW over every trainable parameter (LoRA-GA's choice);
     "preconditioned": gradlora's preconditioned AdamW for LoRA pairs (LoRA-One's choice; kwargs
-    damping, betas, eps, weight_decay, bias_correction, skip_unsupported); "lora-pro": LoRA-Pro's
-    adjusted AdamW (kwargs mode="efficient"|"full", damping, betas, eps, weight_decay,
-    skip_unsupported); "riemannian": peft's Riemannian-preconditioned AdamW
+    skip_unsupported and ``PairSettings``' betas, eps, weight_decay, damping, bias_correction);
+    "lora-pro": LoRA-Pro's adjusted AdamW (kwargs mode="efficient"|"full", skip_unsupported and
+    the same settings); "riemannian": peft's Riemannian-preconditioned AdamW
     (``peft.optimizers.create_riemannian_optimizer``, kwargs passed on).
     ``skip_unsupported=True`` lets the pair optimizers train LoRA on nn.Embedding / nn.Conv2d
     layers with plain AdamW instead of refusing the model; "adamw" accepts and ignores it (it
-    pairs nothing), "riemannian" refuses it. ``model`` may be wrapped (``gradlora.targets.unwrap``); the pair optimizers need
-    a PeftModel with LoRA layers. Build it on the PeftModel before creating the Trainer; a gradlora init writes A
-    and B in place, so the optimizer keeps pointing at the right tensors.
+    pairs nothing), "riemannian" refuses it. ``model`` may be wrapped (``peft_view.unwrap``);
+    the pair optimizers need a PeftModel with LoRA layers. Build it on the PeftModel before
+    creating the Trainer; a gradlora init writes A and B in place, so the optimizer keeps
+    pointing at the right tensors.
     """
     if name not in OPTIMIZERS:
         raise GradLoraError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")

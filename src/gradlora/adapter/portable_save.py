@@ -2,7 +2,7 @@
 
 peft's ``save_pretrained`` (which ``Trainer.save_model`` and every checkpoint call) would write
 the rank-r adapter relative to the offset base; ``install_portable_save`` makes that one
-instance write ``adapter_io.save_adapter``'s portable rank-2r form once its base is offset, and
+instance write ``adapter.io.save_adapter``'s portable rank-2r form once its base is offset, and
 its ``load_adapter`` (``resume_from_checkpoint``, ``load_best_model_at_end``) read it back.
 On an FSDP2-sharded model ``save_pretrained`` is always ``save_adapter``'s collective (peft's
 own would write DTensor shards): every rank must call it, ``is_main_process`` picks the writer.
@@ -16,16 +16,16 @@ from typing import Any
 
 from peft import PeftModel
 
-from .adapter_io import is_converted, load_converted_into, save_adapter
-from .errors import GradLoraError
-from .targets import active_adapter, is_offset, scan_layers
+from ..errors import GradLoraError
+from ..peft_view import active_adapter, lora_layers, offset_layers
+from .io import is_converted, load_converted_into, save_adapter
 
 
 def _save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
     """PeftModel.save_pretrained, writing the portable rank-2r form once the base is offset."""
-    targets = scan_layers(self)[0]
+    targets = lora_layers(self)[0]
     sharded = any(t.sharded for t in targets)
-    if not is_offset(targets) and not sharded:
+    if not offset_layers(targets) and not sharded:
         return type(self).save_pretrained(self, save_directory, *args, **kwargs)
     selected = kwargs.get("selected_adapters")
     if selected is not None and list(selected) != [targets[0].adapter]:

@@ -15,7 +15,7 @@ rank (torchrun, ``accelerate launch``): call it on every rank, each with its sha
    differs from rank 0 (float nondeterminism across GPU models or library versions), rank 0's
    tensors are broadcast, so every rank ends bit-identical whatever the hardware. On
    homogeneous ranks nothing is broadcast. With FSDP2 (DTensor parameters sharded on dim 0)
-   each rank writes its own rows of A and B (``gradlora.sharding``) and only what every rank
+   each rank writes its own rows of A and B (``gradlora.parallel.sharding``) and only what every rank
    holds whole is compared.
 
 Before step 1, ``check_joined`` makes sure every rank of the group has entered the init: a
@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .errors import GradLoraError
+from ..errors import GradLoraError
 from .sharding import is_whole, local
 
 

@@ -1,12 +1,13 @@
-"""Finding what gradlora works on: the (A, B, base weight) triple of every LoRA layer of a
-PeftModel's active adapter, looking through the wrappers training frameworks put around it.
+"""The peft model as gradlora sees it: through the wrappers training frameworks put around it
+(DDP, DataParallel, torch.compile; FSDP1 refused), to the (A, B, base weight) of every LoRA
+layer of the active adapter, and the policy of which layers gradlora supports.
 
 Shapes follow peft: the base weight W is (m, n) = (out, in) (stored (n, m) by transformers'
 Conv1D or with fan_in_fan_out), ``lora_A.weight`` A is (r, n), ``lora_B.weight`` B is (m, r),
 and the layer adds s B A x with s = alpha / r (alpha / sqrt(r) with rsLoRA).
 
 LoRA on other layers (peft's lora.Embedding, lora.Conv2d, ...) is refused unless the caller
-passes ``skip_unsupported=True``: then ``find_layers`` returns those layers apart as
+passes ``skip_unsupported=True``: then ``supported_layers`` returns those layers apart as
 ``SkippedLayer``s (no init, plain AdamW) and logs one WARNING naming them. DoRA, lora_bias,
 merged adapters, non-bitsandbytes quantized weights and weights partitioned by DeepSpeed ZeRO-3
 are errors on every layer, skipped or not.
@@ -28,10 +29,10 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import GradLoraError
-from .sharding import is_sharded
+from .parallel.sharding import ZERO3_FIX, partitioning
 
 WEIGHT0 = "gradlora_weight0"  # buffer name of the init factors A0 / B0 on lora_A / lora_B
-BASE_SIGNATURE = "gradlora_base_signature"  # on lora_A: signature.py's of W before the offset
+BASE_SIGNATURE = "gradlora_base_signature"  # on lora_A: weight_signature of W before the offset
 PEFT_PREFIX = "base_model.model."
 # peft LoRA layers gradlora can leave alone with skip_unsupported=True: their LoRA weights are
 # ordinary trainable parameters (plain AdamW) and their base weights are never touched
@@ -40,55 +41,47 @@ SKIPPABLE = (lora.Embedding, lora.Conv1d, lora.Conv2d, lora.Conv3d)
 log = logging.getLogger("gradlora")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LoraTarget:
-    """One LoRA-adapted linear layer of the active adapter."""
+    """One LoRA-adapted linear layer of the active adapter, read once by ``LoraTarget.of``."""
 
     name: str  # module name in the base model, e.g. "bert.encoder.layer.0.attention.self.query"
     module_name: str  # module name in the wrapped model, as in model.named_modules()
     layer: LoraLinear
     adapter: str
+    weight: nn.Parameter  # the frozen base weight as stored: (m, n), or (n, m) for Conv1D
+    A: nn.Parameter  # lora_A weight, (r, n)
+    B: nn.Parameter  # lora_B weight, (m, r)
+    rank: int  # r
+    scaling: float  # s = alpha / r (alpha / sqrt(r) with rsLoRA)
+    shape: tuple[int, int]  # (m, n) = (out_features, in_features) of the effective weight
+    transposed: bool  # W stored (n, m): transformers' Conv1D or fan_in_fan_out
+    quantized: bool  # the base layer is bitsandbytes' 4-bit or 8-bit linear (a packed weight)
+    # FSDP2 (``fully_shard``): the weights are DTensors; the base weight is then never read
+    # whole nor rewritten, and A, B are written shard by shard
+    sharded: bool
 
-    @property
-    def weight(self) -> nn.Parameter:
-        """The frozen base weight as stored: (m, n), or (n, m) for Conv1D."""
-        return self.layer.get_base_layer().weight
-
-    @property
-    def transposed(self) -> bool:
-        return isinstance(self.layer.get_base_layer(), Conv1D) or bool(self.layer.fan_in_fan_out)
-
-    @property
-    def A(self) -> nn.Parameter:  # (r, n)
-        return self.layer.lora_A[self.adapter].weight
-
-    @property
-    def B(self) -> nn.Parameter:  # (m, r)
-        return self.layer.lora_B[self.adapter].weight
-
-    @property
-    def rank(self) -> int:
-        return int(self.layer.r[self.adapter])
-
-    @property
-    def scaling(self) -> float:
-        return float(self.layer.scaling[self.adapter])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(m, n) = (out_features, in_features) of the effective weight."""
-        return self.B.shape[0], self.A.shape[1]
-
-    @property
-    def sharded(self) -> bool:
-        """Whether the layer's weights are DTensors (FSDP2's ``fully_shard``): the base weight
-        is then never read whole nor rewritten, and A, B are written shard by shard."""
-        return any(is_sharded(p) for p in (self.weight, self.A, self.B))
-
-    @property
-    def quantized(self) -> bool:
-        """Whether the base layer is bitsandbytes' 4-bit or 8-bit linear (a packed weight)."""
-        return _is_bnb(self.layer.get_base_layer())
+    @classmethod
+    def of(
+        cls, name: str, module_name: str, layer: LoraLinear, adapter: str, sharded: bool
+    ) -> LoraTarget:
+        base = layer.get_base_layer()
+        A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        return cls(
+            name,
+            module_name,
+            layer,
+            adapter,
+            weight=base.weight,
+            A=A,
+            B=B,
+            rank=int(layer.r[adapter]),
+            scaling=float(layer.scaling[adapter]),
+            shape=(B.shape[0], A.shape[1]),
+            transposed=isinstance(base, Conv1D) or bool(layer.fan_in_fan_out),
+            quantized=_is_bnb(base),
+            sharded=sharded,
+        )
 
     def weight_mn(self) -> Tensor:
         """The base weight as (m, n), whatever its storage: a view of a float weight, or the
@@ -99,7 +92,7 @@ class LoraTarget:
         return self.weight.T if self.transposed else self.weight
 
     def original_signature(self) -> list[float] | None:
-        """``signature.weight_signature`` of the base weight before the init offset it (None if
+        """``adapter.offset.weight_signature`` of the base weight before the init offset it (None if
         it was never offset)."""
         sig = getattr(self.layer.lora_A[self.adapter], BASE_SIGNATURE, None)
         return None if sig is None else sig.tolist()
@@ -214,12 +207,12 @@ def active_adapter(model: nn.Module) -> str:
     return names[0]
 
 
-def scan_layers(model: nn.Module) -> tuple[list[LoraTarget], list[SkippedLayer]]:
+def lora_layers(model: nn.Module) -> tuple[list[LoraTarget], list[SkippedLayer]]:
     """(supported targets, skippable unsupported layers) of the active adapter, quietly.
 
     Every hard error is raised here for every layer, skippable or not (not LoRA, no LoRA
     layers, several active adapters, a kind that cannot be skipped, non-bitsandbytes quantized weights, DoRA,
-    lora_bias, merged adapters). Callers that act on the choice use ``find_layers``.
+    lora_bias, merged adapters). Callers that act on the choice use ``supported_layers``.
     Accepts a PeftModel or any module into which peft injected LoRA layers, also inside the
     wrappers ``unwrap`` looks through.
     """
@@ -242,10 +235,16 @@ def scan_layers(model: nn.Module) -> tuple[list[LoraTarget], list[SkippedLayer]]
     for module_name, layer in lora_modules:
         if adapter not in layer.lora_A and adapter not in getattr(layer, "lora_embedding_A", {}):
             continue  # the active adapter does not target this layer
+        partition = partitioning(layer.parameters())
+        if partition == "zero3":
+            raise GradLoraError(
+                f"the weights of {module_name!r} are partitioned by DeepSpeed ZeRO-3 (each rank "
+                f"holds a shard only), which gradlora does not support: {ZERO3_FIX}"
+            )
         supported = _check_layer(module_name, layer, adapter)
         name = module_name.removeprefix(PEFT_PREFIX)
         if supported:
-            targets.append(LoraTarget(name, module_name, layer, adapter))
+            targets.append(LoraTarget.of(name, module_name, layer, adapter, partition == "fsdp2"))
         else:
             skipped.append(SkippedLayer(name, module_name, layer, adapter))
     if not targets and not skipped:
@@ -253,13 +252,13 @@ def scan_layers(model: nn.Module) -> tuple[list[LoraTarget], list[SkippedLayer]]
     return targets, skipped
 
 
-def find_layers(
+def supported_layers(
     model: nn.Module, skip_unsupported: bool = False
 ) -> tuple[list[LoraTarget], list[SkippedLayer]]:
-    """``scan_layers``, acting on ``skip_unsupported``: without it, any LoRA layer on an
+    """``lora_layers``, acting on ``skip_unsupported``: without it, any LoRA layer on an
     nn.Embedding or a convolution is an error that names the layers and both fixes; with it,
     they are returned apart and one WARNING on the "gradlora" logger lists them."""
-    targets, skipped = scan_layers(model)
+    targets, skipped = lora_layers(model)
     if skipped and not skip_unsupported:
         layers = "; ".join(f"{s.name!r}, {s.kind}" for s in skipped)
         one = len(skipped) == 1
@@ -286,12 +285,6 @@ def find_layers(
             "; ".join(f"{s.name!r}, {s.kind}" for s in skipped),
         )
     return targets, skipped
-
-
-def find_targets(model: nn.Module, skip_unsupported: bool = False) -> list[LoraTarget]:
-    """Every supported LoRA layer of the active adapter, with its base-model name; errors name
-    the fix. ``skip_unsupported``: see ``find_layers``."""
-    return find_layers(model, skip_unsupported)[0]
 
 
 def check_gradient_flows(targets: list[LoraTarget]) -> None:
@@ -323,23 +316,9 @@ def check_bnb_device(device: torch.device, what: str) -> None:
         )
 
 
-ZERO3_FIX = (
-    "it reads and rewrites each LoRA layer's whole base weight on every rank. Shard with FSDP2 "
-    "instead (TrainingArguments(fsdp=True), whose default is FSDP2, fsdp_config={'version': 2}; "
-    "accelerate config: fsdp_version: 2), or train data-parallel without sharding (DDP: "
-    "torchrun or accelerate launch without DeepSpeed)"
-)
-
-
-def is_zero3_partitioned(param: nn.Parameter) -> bool:
-    """Whether DeepSpeed ZeRO-3 partitioned this parameter: it then carries ``ds_id`` and
-    ``ds_status`` and holds this rank's shard only (an empty tensor outside a gather)."""
-    return hasattr(param, "ds_id") or hasattr(param, "ds_status")
-
-
-def is_offset(targets: list[LoraTarget]) -> bool:
-    """Whether a gradlora init offset any of these layers' base weights."""
-    return any(t.init_factors() is not None for t in targets)
+def offset_layers(targets: list[LoraTarget]) -> list[str]:
+    """The names of the layers whose base a gradlora init has offset (they hold A0, B0)."""
+    return [t.name for t in targets if t.init_factors() is not None]
 
 
 def _is_bnb(module: nn.Module) -> bool:
@@ -357,11 +336,6 @@ def _describe(layer: LoraLayer) -> str:
 
 def _check_layer(module_name: str, layer: LoraLayer, adapter: str) -> bool:
     """True for a supported layer, False for a skippable one; raises for anything else."""
-    if any(is_zero3_partitioned(p) for p in layer.parameters()):
-        raise GradLoraError(
-            f"the weights of {module_name!r} are partitioned by DeepSpeed ZeRO-3 (each rank "
-            f"holds a shard only), which gradlora does not support: {ZERO3_FIX}"
-        )
     base = layer.get_base_layer()
     linear_lora = isinstance(layer, LoraLinear) or (
         _is_bnb(base) and type(layer).__module__ == "peft.tuners.lora.bnb"

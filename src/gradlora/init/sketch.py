@@ -13,7 +13,7 @@ orthonormal bases, i.e. randomized subspace (power) iteration on G:
   and so on, each extra pass one more half power iteration.
 
 Memory per layer: O((m + n) s) floats instead of m n; the products are fed from module hooks
-(``accumulators.SketchAccumulator``), so no weight requires grad and no weight gradient is computed.
+(``SketchAccumulator``), so no weight requires grad and no weight gradient is computed.
 """
 
 from __future__ import annotations
@@ -24,13 +24,54 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from .accumulators import SketchAccumulator
-from .capture import LossFn, capture
-from .errors import GradLoraError
-from .spectral import SeededGaussian, factored_svd, materialize, orthonormal_basis, sketch_svd
-from .targets import LoraTarget
+from ..peft_view import LoraTarget
+from .capture import ActivationHooks, LossFn, capture
+from .formulas import SeededGaussian, factored_svd, materialize, orthonormal_basis, sketch_svd
+
+
+class SketchAccumulator(ActivationHooks):
+    """Sums of G @ M (m, k) and L @ G (l, n) for fixed ``right`` M (n, k) and ``left`` L (l, m).
+
+    For a linear layer y = x W^T, dL/dW = sum_t delta_t^T x_t over tokens t, so
+    G M = sum_t delta_t^T (x_t M) and L G = sum_t (L delta_t^T) x_t: no weight gradient and no
+    (m, n) buffer, per batch or in total. x (T, n) and delta (T, m) come from a forward hook on the
+    base layer and a gradient hook on its output; products are taken and summed in fp32. Either
+    side may be None (not accumulated). Memory: (m + n) k + l n floats per layer.
+    """
+
+    def __init__(
+        self,
+        target: LoraTarget,
+        right: Tensor | SeededGaussian | None = None,
+        left: Tensor | SeededGaussian | None = None,
+    ):
+        self.target = target
+        self.hits = 0
+        m, n = target.shape
+        device = target.weight.device
+        self.right, self.left = right, left
+        self.GR = None if right is None else torch.zeros(m, right.shape[1], device=device)
+        self.LG = None if left is None else torch.zeros(left.shape[0], n, device=device)
+
+    def _add(self, x: Tensor, delta: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        d = delta.reshape(-1, delta.shape[-1]).float()
+        if self.GR is not None:
+            self.GR.addmm_(d.T, x @ materialize(self.right))
+        if self.LG is not None:
+            self.LG.addmm_(materialize(self.left) @ d.T, x)
+        self.hits += 1
+
+    def state(self) -> list[Tensor]:
+        return [s for s in (self.GR, self.LG) if s is not None]
+
+    def result(self, num_batches: int) -> tuple[Tensor | None, Tensor | None]:
+        """(G M, L G) for the mean gradient G, i.e. the sums divided by ``num_batches``, in
+        place (no second copy of the sketches): call it once."""
+        return tuple(None if s is None else s.div_(num_batches) for s in (self.GR, self.LG))
 
 
 @dataclass
@@ -63,10 +104,9 @@ class LayerSketch:
         return LayerSketch(self.k, "triplets", U, V, S=S)
 
 
-# Default sketch width s = SKETCH_WIDTH_FACTOR * k. Measured on real MiniLM gradients (8 batches
-# of 32, r = 8, k = 16, 36 layers; benchmarks/init_cost.py), the single-pass sketch captures a
-# median of 0.885 / 0.920 / 0.966 / 0.990 of the top-2r energy at s = 2k / 3k / 5k / 8k
-# (min 0.41 / 0.52 / 0.66 / 0.85): gradient spectra decay slowly, so a thin sketch is not enough.
+# Default sketch width s = SKETCH_WIDTH_FACTOR * k: gradient spectra decay slowly, so a thin
+# sketch misses energy; the widths measured against the exact SVD are in
+# benchmarks/results/init_cost.md (benchmarks/init_cost.py; docs/initialize.md).
 SKETCH_WIDTH_FACTOR = 8
 
 
@@ -119,25 +159,6 @@ def step_activation_bytes(targets: list[LoraTarget], batch: Any) -> int | None:
     return 4 * ids.numel() * sum(m + n for m, n in (t.shape for t in targets))
 
 
-def check_sketch_options(passes: Any, oversample: Any, memory: Any = None) -> None:
-    """Refuse bad ``sketch_passes`` / ``sketch_oversample`` / ``sketch_memory`` values."""
-    if memory not in (None, "auto") and (
-        not isinstance(memory, int) or isinstance(memory, bool) or memory < 1
-    ):
-        raise GradLoraError(
-            f"sketch_memory must be 'auto', None (one pass sketches every layer) or a number of "
-            f"bytes >= 1, got {memory!r}"
-        )
-    if not isinstance(passes, int) or isinstance(passes, bool) or passes < 1:
-        raise GradLoraError(f"sketch_passes must be a positive integer, got {passes!r}")
-    if oversample is not None and (
-        not isinstance(oversample, int) or isinstance(oversample, bool) or oversample < 0
-    ):
-        raise GradLoraError(
-            f"sketch_oversample must be None or an integer >= 0, got {oversample!r}"
-        )
-
-
 def sketch_svds(
     model: nn.Module,
     targets: list[LoraTarget],
@@ -167,7 +188,6 @@ def sketch_svds(
     (empty data, unreached layer, non-finite or zero gradient); the model is restored in every
     case.
     """
-    check_sketch_options(passes, oversample, memory)
     sizes = {t.name: sketch_sizes(ranks[t.name], t.shape, oversample) for t in targets}
     groups = sketch_groups(targets, sizes, passes, memory)
     if (passes > 1 or len(groups) > 1) and not isinstance(batches, Mapping | Tensor):
@@ -244,27 +264,3 @@ def _projection(t: LoraTarget, basis: Mapping[str, Tensor], left_side: bool) -> 
     if left_side:
         return SketchAccumulator(t, left=basis[t.name].T)
     return SketchAccumulator(t, right=basis[t.name])
-
-
-GRADIENT_MODES = ("auto", "exact", "sketch")
-# gradient="auto" holds G exactly while its fp32 accumulators (4 bytes per adapted weight) total
-# at most this much, and sketches it above. Below it exact costs little memory, is exact, and
-# was measured no slower than the sketch (MiniLM; the sketch's products are as costly as the
-# weight gradients when layers are narrow); above it the accumulators outgrow the model itself
-# (bf16 weights take 2 bytes each) while the sketch needs about 3 s (m + n) floats per layer.
-AUTO_EXACT_MAX_BYTES = 2**30
-
-
-def choose_gradient(mode: str, targets: list[LoraTarget]) -> str:
-    """Resolve ``initialize``'s ``gradient`` argument to "exact" or "sketch".
-
-    "auto": "exact" if sum over targets of 4 m n bytes <= AUTO_EXACT_MAX_BYTES (1 GiB, about
-    268M adapted weights), else "sketch". Depends only on the layer shapes, so every rank of a
-    data-parallel run makes the same choice.
-    """
-    if mode not in GRADIENT_MODES:
-        raise GradLoraError(f"unknown gradient={mode!r}; choose one of {', '.join(GRADIENT_MODES)}")
-    if mode != "auto":
-        return mode
-    exact_bytes = sum(4 * t.shape[0] * t.shape[1] for t in targets)
-    return "exact" if exact_bytes <= AUTO_EXACT_MAX_BYTES else "sketch"

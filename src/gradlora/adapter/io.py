@@ -31,24 +31,37 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .atomic import write_files
-from .collective_save import any_sharded, whole, write_once
-from .errors import GradLoraError
-from .flags import ModuleFlags
-from .signature import MAX_RELATIVE_DIFFERENCE, relative_difference, weight_signature
-from .targets import (
+from ..atomic import write_files
+from ..errors import GradLoraError
+from ..flags import ModuleFlags
+from ..parallel.collective_save import any_sharded, whole, write_once
+from ..peft_view import (
     WEIGHT0,
     LoraTarget,
     SkippedLayer,
     active_adapter,
-    is_offset,
-    scan_layers,
+    lora_layers,
+    offset_layers,
     unwrap,
 )
-from .write import resolve_offset, write_factors
+from .offset import resolve_offset, weight_signature, write_factors
 
 SIDECAR = "gradlora.json"  # written beside adapter_config.json; plain peft ignores it
 WEIGHTS = "adapter_model.safetensors"
+# weight signatures further apart than this (relative Frobenius distance) are different bases: a
+# cast to bf16 moves a signature by about 0.4%, a LoRA-GA offset (gamma 16 to 64) by 5-30%
+MAX_RELATIVE_DIFFERENCE = 0.01
+
+
+def relative_difference(saved: list[float], current: list[float]) -> float:
+    """Estimated ‖W_current - W_saved‖_F / ‖W_saved‖_F from two ``weight_signature``s of one
+    layer (the root mean square of the probe differences over ‖W_saved‖_F); infinite when they
+    do not describe the same probe set."""
+    if len(saved) != len(current) or len(saved) < 2:
+        return math.inf
+    diffs = [a - b for a, b in zip(saved[1:], current[1:], strict=True)]
+    rms = math.sqrt(sum(d * d for d in diffs) / len(diffs))
+    return rms / max(saved[0], 1e-30)
 
 
 def _alpha_factor(config: LoraConfig) -> float:
@@ -106,10 +119,10 @@ def save_adapter(
         raise GradLoraError(
             "save_adapter needs a peft.PeftModel (it writes the adapter's LoraConfig)"
         )
-    targets, skipped = scan_layers(model)
+    targets, skipped = lora_layers(model)
     adapter = active_adapter(model)
     stored = [t.init_factors() for t in targets]
-    converted = is_offset(targets)
+    converted = bool(offset_layers(targets))
     if any((s is not None) != converted for s in stored):
         bad = [t.name for t, s in zip(targets, stored, strict=True) if (s is not None) != converted]
         raise GradLoraError(
@@ -139,7 +152,7 @@ def save_adapter(
         "converted": converted,
         "rank_factor": 2 if converted else 1,
         # the weights the adapter is relative to: the originals (before any offset); a sharded
-        # weight's signature is a collective (signature.py), taken on every rank
+        # weight's signature is a collective (weight_signature), taken on every rank
         "base": {
             t.name: t.original_signature() or weight_signature(t.weight_mn(), t.name)
             for t in targets
@@ -219,12 +232,12 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
 
 def _check_base_of(model: nn.Module, sidecar: Mapping[str, Any], path: Path) -> None:
     """Refuse a base whose target weights are not the ones the adapter at ``path`` is relative
-    to (``signature.py``: more than 1% apart in Frobenius norm), e.g. a base already offset by
+    to (``relative_difference``: more than 1% apart in Frobenius norm), e.g. a base already offset by
     a LoRA-GA init. Sidecars written before signatures existed are not checked."""
     saved = sidecar.get("base")
     if not saved:
         return
-    for t in scan_layers(model)[0]:  # skipped layers are never offset
+    for t in lora_layers(model)[0]:  # skipped layers are never offset
         if t.name not in saved:
             continue  # the layer set itself is checked by the loaders
         current = t.original_signature() or weight_signature(t.weight_mn(), t.name)
@@ -281,7 +294,7 @@ def load_adapter(
     A missing, truncated or foreign checkpoint raises GradLoraError and leaves ``base_model``
     exactly as it was (no LoRA layers injected, flags and modes restored). With ``check_base``
     the base's target weights must be the ones the adapter was saved against (within 1% in
-    Frobenius norm, ``signature.py``): loading onto an already-offset base would offset twice.
+    Frobenius norm, ``relative_difference``): loading onto an already-offset base would offset twice.
     """
     path = Path(path)
     sidecar = read_sidecar(path)
@@ -323,7 +336,7 @@ def load_converted_into(
     of the ORIGINAL base weights.
     """
     path = Path(path)
-    targets, skipped = scan_layers(model)
+    targets, skipped = lora_layers(model)
     if saved is None:
         saved = _read_weights(path / WEIGHTS)
     state, factors = split_converted(saved, targets, path, skipped)

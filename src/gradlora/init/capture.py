@@ -1,9 +1,16 @@
-"""Gradient estimation at the pre-trained weights (docs/algorithms.md, section 1): the engine.
+"""Gradient estimation at the pre-trained weights (docs/algorithms.md, section 1): the engine,
+its exact accumulators, and the choice between them and the sketch.
 
 G = mean over N batches of dL_b/dW for every LoRA-targeted base weight W (m, n), in fp32.
 ``capture`` runs forward/backward passes with at most the target weights requiring grad and
-the LoRA branches bypassed, and hands each layer's signal to a per-layer accumulator
-(``gradlora.accumulators``): the one seam where estimators and a cross-rank reduction plug in.
+the LoRA branches bypassed, and hands each layer's signal to a per-layer ``Accumulator``: the
+one seam where estimators and a cross-rank reduction plug in. For y = x Wᵀ, dL/dW = Σ_t δ_tᵀ
+x_t over tokens t (δ = dL/dy). ``ExactAccumulator`` sums dL/dW from a post-accumulate-grad
+hook on a float base weight (freeing ``.grad`` at once: one weight gradient live at a time);
+``HookedExactAccumulator`` builds the same sum as Σ δᵀ x from module hooks, with no weight
+gradient, for quantized layers (G at the dequantized weights they compute with) and
+FSDP2-sharded ones (inputs and output gradients are whole on every rank). The third,
+``sketch.SketchAccumulator``, never forms G.
 """
 
 from __future__ import annotations
@@ -12,18 +19,164 @@ import itertools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from .accumulators import Accumulator, exact_accumulator
-from .errors import GradLoraError
-from .flags import ModuleFlags
-from .targets import LoraTarget, check_gradient_flows, find_targets
+from ..errors import GradLoraError
+from ..flags import ModuleFlags
+from ..peft_view import LoraTarget, check_gradient_flows
+from ..precision import math_dtype
 
 LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+class Accumulator(Protocol):
+    """Collects one target layer's gradient signal during capture."""
+
+    target: LoraTarget
+    hits: int  # backward passes that reached this layer
+    needs_weight_grad: bool  # whether the engine must make the base weight require grad
+
+    def attach(self) -> list[RemovableHandle]:
+        """Install the hooks that feed this accumulator; the engine removes them."""
+        ...
+
+    def state(self) -> list[Tensor]:
+        """The running sums: all-reduced (summed) across ranks before ``result``."""
+        ...
+
+    def result(self, num_batches: int) -> Any:
+        """The estimate after ``num_batches`` batches (here: G, (m, n) fp32)."""
+        ...
+
+
+class ExactAccumulator:
+    """Sum of dL/dW in fp32, (m, n) whatever W's storage; memory 4 bytes per weight entry."""
+
+    needs_weight_grad = True
+
+    def __init__(self, target: LoraTarget):
+        self.target = target
+        self.hits = 0
+        m, n = target.shape
+        dtype = math_dtype(target.weight)
+        self.total = torch.zeros(m, n, dtype=dtype, device=target.weight.device)
+
+    def attach(self) -> list[RemovableHandle]:
+        transposed = self.target.transposed
+
+        def add_and_free(param: nn.Parameter) -> None:
+            self.total.add_(param.grad.T if transposed else param.grad)
+            self.hits += 1
+            param.grad = None
+
+        return [self.target.weight.register_post_accumulate_grad_hook(add_and_free)]
+
+    def state(self) -> list[Tensor]:
+        return [self.total]
+
+    def result(self, num_batches: int) -> Tensor:
+        """G = total / N, divided in place (no second (m, n) buffer): call it once."""
+        return self.total.div_(num_batches)
+
+
+class ActivationHooks:
+    """Feeds ``self._add(x, delta)`` from a forward hook on the target's base layer (its input
+    x) and a gradient hook on that layer's output (delta = dL/dy), once per backward."""
+
+    target: LoraTarget
+    needs_weight_grad = False
+
+    def _add(self, x: Tensor, delta: Tensor) -> None:
+        raise NotImplementedError
+
+    def _checked_add(self, x: Tensor, delta: Tensor | None) -> None:
+        if delta is None:  # a layer above returned no input gradient
+            raise GradLoraError(
+                f"no gradient reached the output of layer {self.target.name!r} although the loss "
+                "depends on it: a layer above it passes no gradient back (e.g. a bitsandbytes "
+                "layer in its CPU inference layout); load the model again and run gradlora first"
+            )
+        self._add(x, delta)
+
+    def attach(self) -> list[RemovableHandle]:
+        def on_forward(module: nn.Module, args: tuple, y: Tensor) -> Tensor:
+            if not args or not isinstance(args[0], Tensor):
+                raise GradLoraError(
+                    f"layer {self.target.name!r} was called without a tensor input; the "
+                    "hooked gradient capture needs it as the first positional argument"
+                )
+            x = args[0]
+            if not y.requires_grad:
+                # nothing upstream requires grad (all weights are frozen): start the graph here,
+                # and drop the leaf's accumulated .grad at once
+                y = y.detach().requires_grad_()
+                y.register_post_accumulate_grad_hook(_drop_grad)
+            y.register_hook(lambda delta: self._checked_add(x, delta))
+            return y
+
+        return [self.target.layer.get_base_layer().register_forward_hook(on_forward)]
+
+
+class HookedExactAccumulator(ActivationHooks):
+    """Sum of dL/dW = Σ_t δ_tᵀ x_t in fp32, (m, n), from module hooks (module doc): for layers
+    whose weight cannot take a gradient (quantized) or is sharded (FSDP2). Per batch one fp32
+    (fp64 for an fp64 adapter) copy of x (T, n) and δ (T, m) and one ``addmm``; memory 4 bytes
+    per weight entry for the sum."""
+
+    def __init__(self, target: LoraTarget):
+        self.target = target
+        self.hits = 0
+        m, n = target.shape
+        self.total = torch.zeros(m, n, dtype=math_dtype(target.A), device=target.A.device)
+
+    def _add(self, x: Tensor, delta: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.total.dtype)
+        d = delta.reshape(-1, delta.shape[-1]).to(self.total.dtype)
+        self.total.addmm_(d.T, x)
+        self.hits += 1
+
+    def state(self) -> list[Tensor]:
+        return [self.total]
+
+    def result(self, num_batches: int) -> Tensor:
+        """G = total / N, divided in place (no second (m, n) buffer): call it once."""
+        return self.total.div_(num_batches)
+
+
+def exact_accumulator(target: LoraTarget) -> Accumulator:
+    """The exact accumulator for ``target``: from the weight gradient for float weights, from
+    module hooks for quantized ones and for FSDP2-sharded ones (whose
+    weight gradient would be reduce-scattered into shards; activations are not sharded)."""
+    if target.quantized or target.sharded:
+        return HookedExactAccumulator(target)
+    return ExactAccumulator(target)
+
+
+GRADIENT_MODES = ("auto", "exact", "sketch")
+# gradient="auto" holds G exactly while its fp32 accumulators (4 bytes per adapted weight) total
+# at most this much, and sketches it above: above it the accumulators outgrow the model itself
+# (bf16 weights take 2 bytes each) while the sketch needs about 3 s (m + n) floats per layer
+# (the measured trade-off: docs/initialize.md).
+AUTO_EXACT_MAX_BYTES = 2**30
+
+
+def choose_gradient(mode: str, targets: list[LoraTarget]) -> str:
+    """Resolve ``initialize``'s ``gradient`` argument to "exact" or "sketch".
+
+    "auto": "exact" if sum over targets of 4 m n bytes <= AUTO_EXACT_MAX_BYTES, else "sketch":
+    the layer shapes alone decide, so every rank of a data-parallel run chooses alike.
+    """
+    if mode not in GRADIENT_MODES:
+        raise GradLoraError(f"unknown gradient={mode!r}; choose one of {', '.join(GRADIENT_MODES)}")
+    if mode != "auto":
+        return mode
+    exact_bytes = sum(4 * t.shape[0] * t.shape[1] for t in targets)
+    return "exact" if exact_bytes <= AUTO_EXACT_MAX_BYTES else "sketch"
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -243,27 +396,5 @@ def _check_accumulators(accs: Mapping[str, Accumulator]) -> None:
             )
 
 
-def estimate_gradients(
-    model: nn.Module,
-    batches: Iterable[Any],
-    num_batches: int = 8,
-    loss_fn: LossFn | None = None,
-    progress: bool = True,
-    skip_unsupported: bool = False,
-) -> dict[str, Tensor]:
-    """G (m, n) fp32 per LoRA target, keyed by the layer's module name in the base model.
-
-    G = (1/N) sum_b dL_b/dW at the current base weights, with the LoRA branches bypassed and the
-    model in train mode; N = min(num_batches, batches available). Conv1D weights are returned
-    transposed to (out, in). The model is left exactly as it was. ``skip_unsupported=True``
-    leaves out LoRA layers on nn.Embedding / nn.Conv2d instead of refusing the model.
-    """
-    accs, used = capture(
-        model,
-        find_targets(model, skip_unsupported),
-        batches,
-        num_batches=num_batches,
-        loss_fn=loss_fn,
-        progress=progress,
-    )
-    return {name: acc.result(used) for name, acc in accs.items()}
+def _drop_grad(tensor: Tensor) -> None:
+    tensor.grad = None

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 from torch import Tensor
 
-from .errors import GradLoraError
+from ..errors import GradLoraError
 from .sharding import full, is_sharded
 
 

@@ -1,5 +1,6 @@
 """Whole tensors and local shards of FSDP2's DTensor parameters (``torch.distributed.fsdp.
-fully_shard``): the few conversions gradlora's init and optimizers need, as functions on tensors.
+fully_shard``): the few conversions gradlora's init and optimizers need, as functions on tensors;
+and telling a parameter DeepSpeed ZeRO-3 partitioned.
 
 gradlora's math runs on whole tensors: LoRA factors and their gradients are small (r x n,
 m x r), so they are gathered with ``full`` (an all-gather), the result is computed on every
@@ -10,10 +11,12 @@ one process, DDP and FSDP2.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
-from .errors import GradLoraError
+from ..errors import GradLoraError
 
 try:
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -24,6 +27,29 @@ except ImportError:  # a torch build without torch.distributed: nothing can be a
 def is_sharded(t: Tensor | None) -> bool:
     """Whether ``t`` is a DTensor (an FSDP2 parameter, or its gradient)."""
     return DTensor is not None and isinstance(t, DTensor)
+
+
+ZERO3_FIX = (
+    "it reads and rewrites each LoRA layer's whole base weight on every rank. Shard with FSDP2 "
+    "instead (TrainingArguments(fsdp=True), whose default is FSDP2, fsdp_config={'version': 2}; "
+    "accelerate config: fsdp_version: 2), or train data-parallel without sharding (DDP: "
+    "torchrun or accelerate launch without DeepSpeed)"
+)
+
+
+def is_zero3_partitioned(param: Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitioned this parameter: it then carries ``ds_id`` and
+    ``ds_status`` and holds this rank's shard only (an empty tensor outside a gather)."""
+    return hasattr(param, "ds_id") or hasattr(param, "ds_status")
+
+
+def partitioning(params: Iterable[Tensor]) -> str | None:
+    """How a layer's parameters are split across ranks: "zero3" if DeepSpeed ZeRO-3 partitioned
+    any of them, "fsdp2" if any is a DTensor (``fully_shard``), None if every one is whole."""
+    params = list(params)
+    if any(is_zero3_partitioned(p) for p in params):
+        return "zero3"
+    return "fsdp2" if any(is_sharded(p) for p in params) else None
 
 
 def is_whole(t: Tensor) -> bool:

@@ -1,0 +1,1 @@
+"""Every line that knows about ranks, process groups, DTensors or DeepSpeed partitions."""
