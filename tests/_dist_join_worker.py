@@ -1,4 +1,4 @@
-"""One rank of the 2-process join-check test (run by torchrun from test_distributed.py).
+"""One rank of the 2-process join-check test (run by torchrun from test_parallel_collectives.py).
 
 Usage: GRADLORA_COLLECTIVE_TIMEOUT=3 python -m torch.distributed.run --standalone
 --nproc_per_node 2 _dist_join_worker.py OUT. Each rank writes OUT/rank{r}.pt:

@@ -1,4 +1,4 @@
-"""One rank of the 2-process data-parallel test (run by torchrun from test_distributed.py).
+"""One rank of the 2-process data-parallel test (run by torchrun from test_parallel_collectives.py).
 
 Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 _dist_worker.py OUT
 Each rank writes OUT/rank{r}.pt with its tensors at each stage; rank 0 also writes the

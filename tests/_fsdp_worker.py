@@ -1,4 +1,4 @@
-"""One rank of the 2-process FSDP2 test (run by torchrun from test_fsdp.py).
+"""One rank of the 2-process FSDP2 test (run by torchrun from test_parallel_fsdp.py).
 
 Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 _fsdp_worker.py OUT
 A tiny Llama PeftModel with each decoder layer and the root ``fully_shard``-ed (gloo, CPU):

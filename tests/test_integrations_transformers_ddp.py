@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import torchrun
+from test_parallel_collectives import torchrun
 from test_integrations_transformers import expected_init, plain_peft_logits
 
 

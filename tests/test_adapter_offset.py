@@ -1,4 +1,4 @@
-"""The all-or-nothing write of init factors (write.py): the in-place offset of a float32 base
+"""The all-or-nothing write of init factors (adapter/offset.py): the in-place offset of a float32 base
 weight, and every layer put back when the write is interrupted midway."""
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_peft
-from test_distributed import torchrun
+from test_parallel_collectives import torchrun
 
 import gradlora
 from gradlora.parallel import sharding

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from test_spectral import known_svd
+from test_init_svd import known_svd
 
 from gradlora import GradLoraError
 from gradlora.adapter.offset import offset_weight
