@@ -53,5 +53,6 @@ fi
 timeout "${CHECK_BENCH_TIMEOUT:-270}" "$PY" benchmarks/gpu_check.py "$out" "$@" 2>&1 \
     | tee "$out/gpu_check.log"
 bench_rc=${PIPESTATUS[0]}
-echo "benchmark: exit status $bench_rc; results in $out/gpu_check.json and $out/gpu_check.md"
+echo "benchmark: exit status $bench_rc"
+ls "$out"/gpu_check.json "$out"/gpu_check.md 2>/dev/null
 [[ $tests_rc == 0 && $bench_rc == 0 ]]
