@@ -36,6 +36,19 @@ TARGETS = {
 }
 
 
+def wide_llama_config() -> LlamaConfig:
+    """A tiny Llama 64 wide: bitsandbytes' 4-bit blocks need layers at least 64 wide."""
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+
+
 def tiny_base(arch: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random model; the same seed gives the same weights."""
     torch.manual_seed(seed)

@@ -17,7 +17,7 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, lora_config, make_batches, tiny_base
+from conftest import lora_config, make_batches, tiny_base, wide_llama_config
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
@@ -336,18 +336,11 @@ def test_qlora_nf4_with_bf16_compute(device, tmp_path):
     """LoRA-GA (r = 1) on an nf4 base computing in bf16: G and s B A match the fp64 init on the
     dequantized weights W_q; the packed weights stay byte-identical (offset="adapter"), outputs
     are kept, LoRA-Pro steps it, and the saved adapter loads with plain peft on a fresh nf4 base."""
-    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     F = bitsandbytes_on(device)
     torch.manual_seed(0)  # bitsandbytes' 4-bit blocks need layers at least 64 wide
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    cfg = wide_llama_config()
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "base")
     nf4 = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16

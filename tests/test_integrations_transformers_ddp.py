@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_parallel_collectives import torchrun
 from test_integrations_transformers import expected_init, plain_peft_logits
+from test_parallel_collectives import torchrun
 
 
 def launch(case: str, tmp_path_factory) -> tuple[str, Path, dict[int, dict]]:

@@ -11,9 +11,15 @@ import warnings
 
 import pytest
 import torch
-from conftest import VOCAB, assert_same_snapshot, make_batches, model_snapshot, reference_gradients
+from conftest import (
+    assert_same_snapshot,
+    make_batches,
+    model_snapshot,
+    reference_gradients,
+    wide_llama_config,
+)
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
 import gradlora
 from gradlora.cli.data import quantization_config
@@ -35,15 +41,7 @@ ETA = 1e-3
 def small_llama() -> LlamaForCausalLM:
     """conftest's tiny Llama is 32 wide; bitsandbytes' CPU 4-bit kernels need blocks of 64."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    cfg = wide_llama_config()
     return LlamaForCausalLM(cfg)
 
 
