@@ -43,7 +43,7 @@ def window(points: list[tuple[float, float | None]], tol: float) -> dict | None:
     best = min(scored, key=lambda i: points[i][1])
     limit = points[best][1] + tol
 
-    def inside(i: int) -> bool:
+    def inside(i: int) -> bool:  # a swept, not diverged rate within the tolerance
         return 0 <= i < len(points) and points[i][1] is not None and points[i][1] <= limit
 
     lo = hi = best
@@ -187,6 +187,7 @@ def plot(name: str, results: dict, diag: dict | None, found: dict, path: Path) -
 
 
 def main() -> None:
+    """Write lr_windows.{md,json} in --results and each task's lr_windows.png in its folder."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(RESULTS), help="the sweeps' results folder")
     parser.add_argument("--no-plots", action="store_true")

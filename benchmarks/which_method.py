@@ -172,6 +172,7 @@ def default_rates(all_results: dict[str, dict | None]) -> dict:
 
 
 def rates_section(rates: dict) -> list[str]:
+    """Markdown lines: the default rates per method and task kind, and whether each is final."""
     lines = [
         "## Default rates (`gradlora methods`)",
         "",
@@ -338,6 +339,7 @@ def diagnostic_section(
 
 
 def main() -> None:
+    """Write which_method.{md,json} (in --results, or at --out) from the sweeps' reports."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(RESULTS), help="the sweeps' results folder")
     parser.add_argument("--out", help="output path without suffix (default RESULTS/which_method)")
