@@ -1,15 +1,15 @@
-"""benchmarks/which_method.py: the default rates it derives from the sweeps."""
+"""benchmarks/which_method.py: the default rates it derives from the sweeps, and its verdicts
+(paired by seed where there are pairs, else the spread rule)."""
 
-import importlib.util
 import math
+import statistics
+import sys
 from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).parent.parent / "benchmarks" / "which_method.py"
-spec = importlib.util.spec_from_file_location("which_method", PATH)
-which_method = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(which_method)
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+import which_method  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -56,3 +56,92 @@ def test_default_rates_are_the_geometric_mean_per_kind_and_complete_only_when_al
         {"SmolLM2 / Hamlet": hamlet, "SmolLM2 / arithmetic": one_seed_short}
     )
     assert not rates["causal-lm"]["complete"]
+
+
+def _stat(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values), "n": len(values)}
+
+
+def _run(method: str, lr: float, seed: int, loss: float) -> dict:
+    """A stored run of 40 steps whose test loss is ``loss`` at the end and ``loss + 0.3`` at
+    step 20 (the budget)."""
+    return {
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "diverged_at": None,
+        "val": {"loss": loss},
+        "test": {"loss": loss},
+        "budgets": {"20": {"val": {"loss": loss + 0.3}, "test": {"loss": loss + 0.3}}},
+    }
+
+
+def _task(lora: list[float], ga: list[float], ga_at_lora_rate: float) -> dict:
+    """A causal-LM sweep of two methods: LoRA at 2e-3 and LoRA-GA at 5e-4 (their best rates,
+    one test loss per seed), and LoRA-GA's seed-0 sweep run at LoRA's rate."""
+    runs = [_run("lora", 2e-3, s, v) for s, v in enumerate(lora)]
+    runs += [_run("lora-ga", 5e-4, s, v) for s, v in enumerate(ga)]
+    runs += [_run("lora-ga", 2e-3, 0, ga_at_lora_rate)]
+
+    def method(lr: float, values: list[float], points: list[tuple[float, float]]) -> dict:
+        budgets = {
+            "20": {"val_loss": _stat([v + 0.3 for v in values])},
+            "40": {"val_loss": _stat(values)},
+        }
+        for step, shift in (("20", 0.3), ("40", 0.0)):
+            budgets[step]["test_loss"] = _stat([v + shift for v in values])
+        return {
+            "best_lr": lr,
+            "best_at_grid_edge": False,
+            "at_budgets": budgets,
+            "lr_points": [{"lr": x, "val_loss": v, "test_loss": v} for x, v in points],
+        }
+
+    return {
+        "test_metric": "loss",
+        "config": {"steps": 40},
+        "runs": runs,
+        "methods": {
+            "lora": method(2e-3, lora, [(2e-3, lora[0])]),
+            "lora-ga": method(5e-4, ga, [(5e-4, ga[0]), (2e-3, ga_at_lora_rate)]),
+        },
+    }
+
+
+def test_a_gain_within_the_seed_spread_is_ahead_when_every_seed_gains():
+    lora = [4.0, 4.2, 4.4, 4.1, 4.3]  # std 0.16: the spread rule would call 0.05 a tie
+    ga = [v - 0.05 + 0.001 * s for s, v in enumerate(lora)]
+    lines, facts = which_method.task_report("T", _task(lora, ga, ga_at_lora_rate=4.5))
+    assert facts["at_best"]["lora-ga"] == {"20": "ahead", "40": "ahead"}
+    c = facts["at_best_paired"]["lora-ga"]["40"]
+    assert c["rule"] == "paired" and c["n"] == 5 and c["high"] < 0
+    assert c["mean"] == pytest.approx(-0.048)
+    row = next(line for line in lines if line.startswith("| lora-ga | 0.0005 |"))
+    assert row.count("(+)") == 2  # both budgets marked ahead in the table of means
+    assert any("ahead (-0.048 [" in line and "n=5" in line for line in lines)
+    # at LoRA's rate LoRA-GA has seed 0 only: one pair, so the spread rule decides (marked †)
+    at_lora = facts["at_lora_rate_paired"]["lora-ga"]
+    assert at_lora["n"] == 1 and at_lora["rule"] == "spread"
+    assert facts["at_lora_rate"]["lora-ga"] == "behind"  # 4.5 vs 4.2 ± 0.16
+    assert any(
+        line.startswith("| lora-ga | 4.500 | 4.500 | behind† | +0.500 n=1 |") for line in lines
+    )
+
+
+def test_a_gain_that_swings_across_seeds_is_a_tie():
+    lora = [4.0, 4.2, 4.4]
+    ga = [3.7, 4.3, 4.3]  # mean gain 0.1 but one seed loses
+    _, facts = which_method.task_report("T", _task(lora, ga, ga_at_lora_rate=4.2))
+    c = facts["at_best_paired"]["lora-ga"]["40"]
+    assert facts["at_best"]["lora-ga"]["40"] == "tie" and c["low"] < 0 < c["high"]
+    assert facts["at_lora_rate"]["lora-ga"] == "tie"  # 4.2 vs 4.2 ± 0.2, by the spread rule
+
+
+def test_goals_read_the_paired_verdicts():
+    lora = [4.0, 4.2, 4.4, 4.1, 4.3]
+    ga = [v - 0.05 + 0.001 * s for s, v in enumerate(lora)]
+    _, facts = which_method.task_report("SmolLM2 / Hamlet", _task(lora, ga, 4.5))
+    lines = which_method.goals({"SmolLM2 / Hamlet": facts}, all_complete=True)
+    row = next(line for line in lines if line.startswith("| SmolLM2 / Hamlet | lora-ga |"))
+    assert row.endswith("| yes |") and row.count("ahead (") == 3
+    assert any("Goal 2: not met" in line for line in lines)  # one task, two needed
