@@ -3,7 +3,8 @@
 # eight methods, 5 rates each (full: 3-4), seed 0 for the sweep, seeds 1 and 2 at each method's
 # best rate (chosen on validation loss); issue 26 adds seeds 3 and 4 at the best rates of lora,
 # lora-ga, lora-ga-matched, lora-pro and lora-one-init (5 pairs for the paired comparisons), and
-# the 'damping' task: LoRA-One's preconditioner lambda at lora-one's best rate. Resumable: re-running skips every finished run, so the
+# the 'damping' task: LoRA-One's preconditioner lambda at lora-one's best rate (2e-3 on all
+# three tasks), then 'damping-seeds'. Resumable: re-running skips every finished run, so the
 # sweeps may be completed over several invocations. Usage: benchmarks/lr_sweeps.sh [a|b|c|one ...]
 # Each bench process is single-threaded (OMP_NUM_THREADS=1): on 2 cores, run two tasks at once
 # (benchmarks/lr_sweeps.sh a & benchmarks/lr_sweeps.sh b); two-thread processes sharing the cores
@@ -84,15 +85,20 @@ main() {
         $GRADLORA bench $arithmetic --methods lora-one --seeds 0 --no-progress \
           --lrs lora-one=2e-3 --damping $lam --out benchmarks/results/damping-arithmetic/lambda-$lam
       done ;;
-    damping-seeds) # seeds 1 and 2 at the best lambda of each task (after 'damping')
-      local lam
-      lam=$(python benchmarks/damping.py --best hamlet)
-      [ "$lam" = 1e-6 ] || $GRADLORA bench $hamlet --methods lora-one --seeds 0,1,2 --no-progress \
-        --lrs lora-one=2e-3 --damping $lam --out benchmarks/results/damping-hamlet/lambda-$lam
-      lam=$(python benchmarks/damping.py --best arithmetic)
-      [ "$lam" = 1e-6 ] || $GRADLORA bench $arithmetic --methods lora-one --seeds 0,1,2 \
-        --no-progress --lrs lora-one=2e-3 --damping $lam \
-        --out benchmarks/results/damping-arithmetic/lambda-$lam ;;
+    damping-seeds) # after 'damping': seeds 0, 1, 2 at each causal-LM task's best lambda, on
+      # both causal-LM tasks and MiniLM, so that every candidate has pairs against the default
+      # everywhere (the verdict needs it ahead on both causal LMs and not behind on MiniLM)
+      local lams lam
+      lams=$(printf '%s\n' "$(python benchmarks/damping.py --best hamlet)" \
+        "$(python benchmarks/damping.py --best arithmetic)" | sort -u | grep -vx 1e-6 || true)
+      for lam in $lams; do
+        $GRADLORA bench $hamlet --methods lora-one --seeds 0,1,2 --no-progress \
+          --lrs lora-one=2e-3 --damping $lam --out benchmarks/results/damping-hamlet/lambda-$lam
+        $GRADLORA bench $arithmetic --methods lora-one --seeds 0,1,2 --no-progress \
+          --lrs lora-one=2e-3 --damping $lam --out benchmarks/results/damping-arithmetic/lambda-$lam
+        $GRADLORA bench $minilm --methods lora-one --seeds 0,1,2 --no-progress \
+          --lrs lora-one=2e-3 --damping $lam --out benchmarks/results/damping-minilm/lambda-$lam
+      done ;;
     *) echo "unknown task $task (a, b, c, one, damping or damping-seeds)" >&2; exit 2 ;;
     esac
   done

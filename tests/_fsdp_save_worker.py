@@ -24,7 +24,7 @@ from conftest import tiny_base, tiny_peft
 from peft import PeftModel
 
 import gradlora
-from gradlora.adapter.io import relative_difference
+from gradlora.adapter.format import relative_difference
 from gradlora.adapter.offset import weight_signature
 from gradlora.peft_view import supported_layers
 

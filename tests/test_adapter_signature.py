@@ -15,7 +15,7 @@ from conftest import (
 )
 
 import gradlora
-from gradlora.adapter.io import MAX_RELATIVE_DIFFERENCE, relative_difference
+from gradlora.adapter.format import MAX_RELATIVE_DIFFERENCE, relative_difference
 from gradlora.adapter.offset import weight_signature
 
 

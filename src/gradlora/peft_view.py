@@ -207,8 +207,11 @@ def active_adapter(model: nn.Module) -> str:
     return names[0]
 
 
-def lora_layers(model: nn.Module) -> tuple[list[LoraTarget], list[SkippedLayer]]:
-    """(supported targets, skippable unsupported layers) of the active adapter, quietly.
+def lora_layers(
+    model: nn.Module, adapter: str | None = None
+) -> tuple[list[LoraTarget], list[SkippedLayer]]:
+    """(supported targets, skippable unsupported layers) of ``adapter`` (None: the active
+    one), quietly.
 
     Every hard error is raised here for every layer, skippable or not (not LoRA, no LoRA
     layers, several active adapters, a kind that cannot be skipped, non-bitsandbytes quantized weights, DoRA,
@@ -217,12 +220,14 @@ def lora_layers(model: nn.Module) -> tuple[list[LoraTarget], list[SkippedLayer]]
     wrappers ``unwrap`` looks through.
     """
     model = unwrap(model)
-    if isinstance(model, PeftModel) and not isinstance(
-        model.peft_config.get(model.active_adapter), LoraConfig
-    ):
-        kind = type(model.peft_config.get(model.active_adapter)).__name__
+    config = (
+        model.peft_config.get(adapter or model.active_adapter)
+        if isinstance(model, PeftModel)
+        else None
+    )
+    if config is not None and not isinstance(config, LoraConfig):
         raise GradLoraError(
-            f"the active adapter is a {kind}, not LoRA; gradlora needs a LoraConfig adapter"
+            f"the adapter is a {type(config).__name__}, not LoRA; gradlora needs a LoraConfig adapter"
         )
     lora_modules = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     if not lora_modules:
@@ -230,7 +235,8 @@ def lora_layers(model: nn.Module) -> tuple[list[LoraTarget], list[SkippedLayer]]
             "the model has no LoRA adapters: wrap it first with "
             "peft.get_peft_model(model, LoraConfig(target_modules=[...]))"
         )
-    adapter = active_adapter(model)
+    if adapter is None:
+        adapter = active_adapter(model)
     targets, skipped = [], []
     for module_name, layer in lora_modules:
         if adapter not in layer.lora_A and adapter not in getattr(layer, "lora_embedding_A", {}):

@@ -1,37 +1,27 @@
-"""The offset of a LoRA-GA init, in one place: where it is kept, how it is written, and the
+"""The offset of a LoRA-GA init in one place: where it is kept, how it is written, and the
 signature of the base it was taken from (docs/algorithms.md, sections 2 and 5).
 
-A LoRA-GA init keeps the model's function by subtracting s B0 A0, with A0 (r, n), B0 (m, r)
-kept exactly as buffers ``lora_A[name].gradlora_weight0`` / ``lora_B[name].gradlora_weight0``
-(``peft_view.WEIGHT0``; ``adapter.io`` folds them into a portable adapter and splits them
-back). They are persistent: ``model.state_dict()`` holds them, so a raw ``load_state_dict``
-into a model without them fails with unexpected keys under strict=True rather than silently
-dropping the offset. Two places to keep it (``offset=``):
-
-- "weight": the base weight is rewritten, W' = W - s B0 A0 (``offset_weight``).
-- "adapter": W stays byte-identical and the LoRA layer subtracts the counter-term itself,
-  y = W x + s B A dropout(x) - s B0 A0 x, exactly what the weight offset computes, for one
-  extra rank-r product per forward (a forward hook while the adapter is active, not disabled
-  and not merged; peft's merge takes s (B A - B0 A0)). With the adapter disabled the layer
-  computes W x; for an offset written into the weight the same hook adds s B0 A0 x back then,
-  so ``disable_adapter()`` is the original model in both modes.
+A LoRA-GA init keeps the model's function by subtracting s B0 A0; A0 (r, n), B0 (m, r) are
+kept exactly as persistent buffers ``peft_view.WEIGHT0`` on lora_A / lora_B (a raw
+``load_state_dict`` into a model without them fails under strict=True instead of silently
+dropping the offset). ``offset="weight"`` rewrites W' = W - s B0 A0 (``offset_weight``);
+``offset="adapter"`` keeps W byte-identical and the layer subtracts s B0 A0 x itself
+(``CounterTerm``: exact at init in any dtype, one extra rank-r product per forward). With the
+adapter disabled a hook adds s B0 A0 x back to a weight offset, so ``disable_adapter()`` is
+the original model in both modes.
 
 ``write_factors`` is the one place that changes a model's weights, all layers or none: every
 step that can refuse or fail for a reason other than an interrupt or running out of memory
-(shapes, signatures, casts, copies of A and B) runs before the first write. A float32 (or
-float64) W is rewritten by one ``addmm_`` (no (m, n) temporary), a bf16 / fp16 W through
-``offset_weight`` (fp32 math, rounded once). If an exception still arrives midway
-(KeyboardInterrupt, out of memory), every layer is put back before it propagates: the layer
-being written byte for byte from a copy of that one layer, the layers written before it by the
-inverse operation W' + s B0 A0 (within one rounding of their dtype per entry); A, B, the
-buffers and hooks exactly. The exception then carries a note that says so.
+runs before the first write; a float32 W is rewritten by one ``addmm_``, a bf16 / fp16 W
+through ``offset_weight`` (fp32 math, rounded once). An exception midway (interrupt, out of
+memory) puts every layer back before it propagates: the layer in flight from its copy, the
+layers before it by W' + s B0 A0 (within one rounding of their dtype), A, B, buffers and hooks
+exactly, and the exception gets a note saying so.
 
-``weight_signature`` (the signature of W before the offset, kept for the portable adapter's
-base check): for an (m, n) weight, [‖W‖_F, u_1ᵀ W z_1, ..., u_kᵀ W z_k] in fp64 with standard
-Gaussian u_i (m,), z_i (n,) seeded by the layer's name. E[(u_iᵀ (W - W') z_i)²] = ‖W - W'‖_F²,
-so the probes estimate how far two weights are apart (``adapter.io.relative_difference``). An
-FSDP2-sharded W is never gathered: each rank sums its rows' terms and one small all-reduce
-adds them (a collective).
+``weight_signature`` of an (m, n) W: [‖W‖_F, u_1ᵀ W z_1, ..., u_kᵀ W z_k] in fp64, Gaussian
+u_i, z_i seeded by the layer's name; E[(u_iᵀ (W - W') z_i)²] = ‖W - W'‖_F², so two signatures
+estimate how far two weights are apart (``adapter.format.relative_difference``). An FSDP2 W is
+never gathered: each rank sums its rows' terms and one small all-reduce adds them.
 """
 
 from __future__ import annotations
@@ -43,6 +33,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from peft.tuners.lora.layer import LoraVariant
 from torch import Tensor, nn
 
 from ..errors import GradLoraError
@@ -65,15 +57,19 @@ CHUNK = 1 << 18  # entries of W converted to fp64 at once (2 MiB: a small transi
 
 
 def resolve_offset(mode: str, targets: list[LoraTarget]) -> str:
-    """``offset`` -> "weight" or "adapter": "auto" is "adapter" when any target's base is
-    quantized (it cannot be rewritten without re-quantizing) or sharded (FSDP2: each rank holds
-    a slice of W), and "weight" otherwise."""
+    """``offset`` -> "weight" or "adapter". "auto" is "adapter" when any target's base is
+    quantized (it cannot be rewritten without re-quantizing), sharded (FSDP2: each rank holds a
+    slice of W), in bf16 / fp16 (the adapter mode keeps the outputs exactly at init, the weight
+    mode only to the dtype's rounding), or shared with another adapter of the PeftModel (whose
+    outputs a rewritten W would change); "weight" otherwise (no extra product per forward)."""
     if mode not in OFFSET_MODES:
         raise GradLoraError(f"unknown offset={mode!r}; choose one of {', '.join(OFFSET_MODES)}")
     quantized = [t.name for t in targets if t.quantized]
     sharded = [t.name for t in targets if t.sharded]
+    shared = [t for t in targets if set(t.layer.lora_A) - {t.adapter}]
     if mode == "auto":
-        return "adapter" if quantized or sharded else "weight"
+        low = any(t.weight.dtype in (torch.bfloat16, torch.float16) for t in targets)
+        return "adapter" if quantized or sharded or shared or low else "weight"
     if mode == "weight" and quantized:
         raise GradLoraError(
             f"offset='weight' would rewrite the quantized base weight of {quantized[0]!r}, and "
@@ -84,6 +80,13 @@ def resolve_offset(mode: str, targets: list[LoraTarget]) -> str:
             f"offset='weight' would rewrite the FSDP-sharded base weight of {sharded[0]!r}; "
             "use offset='adapter' (or 'auto'), which leaves every base weight untouched and "
             "computes the same outputs and steps"
+        )
+    if mode == "weight" and shared:
+        others = sorted(set(shared[0].layer.lora_A) - {shared[0].adapter})
+        raise GradLoraError(
+            f"offset='weight' would rewrite the base weight of {shared[0].name!r}, which the "
+            f"other adapter(s) {others} use too: their outputs would change. Use "
+            "offset='adapter' (or 'auto'), which offsets inside this adapter only"
         )
     return mode
 
@@ -139,9 +142,8 @@ def _terms(W: Tensor, U: Tensor, Z: Tensor, rows: Tensor | None) -> Tensor:
 
 def offset_mode(target: LoraTarget) -> str | None:
     """ "weight", "adapter", or None when the layer's base was never offset."""
-    if target.init_factors() is None:
-        return None
-    return getattr(target.layer.lora_A[target.adapter], MODE, "weight")
+    stored = target.init_factors() is not None
+    return getattr(target.layer.lora_A[target.adapter], MODE, "weight") if stored else None
 
 
 def _offsets(layer: nn.Module, mode: str, active_only: bool) -> list[str]:
@@ -157,32 +159,22 @@ def _offsets(layer: nn.Module, mode: str, active_only: bool) -> list[str]:
     ]
 
 
-def _add_term(layer: nn.Module, adapter: str, x: Tensor, output: Tensor, sign: float) -> Tensor:
-    """output + sign s B0 A0 x, with the rank-r product fused into one ``addmm`` where the
-    dtypes agree (a new tensor: the output may be saved for backward)."""
+def _add_term(layer: nn.Module, adapter: str, x: Tensor, output: Tensor) -> Tensor:
+    """output + s B0 A0 x (a new tensor: the output may be saved for backward)."""
     A0 = getattr(layer.lora_A[adapter], WEIGHT0)
     B0 = getattr(layer.lora_B[adapter], WEIGHT0)
-    alpha = sign * layer.scaling[adapter]
     xA = x.reshape(-1, x.shape[-1]).to(A0.dtype) @ A0.T  # (tokens, r)
-    if output.dtype == B0.dtype:
-        out = torch.addmm(output.reshape(-1, output.shape[-1]), xA, B0.T, alpha=alpha)
-        return out.view(output.shape)
-    return output + (alpha * (xA @ B0.T)).to(output.dtype).view(output.shape)
+    term = (layer.scaling[adapter] * (xA @ B0.T)).to(output.dtype)
+    return output + term.view(output.shape)
 
 
-def _apply_offsets(layer: nn.Module, args: tuple, output: Any) -> Any:
-    """Forward hook. Adapter enabled: subtract s B0 A0 x for offsets kept in the adapter.
-    Adapter disabled: add s B0 A0 x back for offsets written into the weight, so that
-    ``disable_adapter()`` (a DPO reference model, say) is the original model in both modes."""
-    if not isinstance(output, Tensor) or not args:
-        return output
-    x = args[0]
-    if layer.disable_adapters:
+def _restore_when_disabled(layer: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook: with the adapters disabled, add s B0 A0 x back for the offsets written into
+    the weight, so that ``disable_adapter()`` (a DPO reference model, say) is the original
+    model in both modes (an offset kept in the adapter leaves W as it was)."""
+    if isinstance(output, Tensor) and args and layer.disable_adapters:
         for adapter in _offsets(layer, "weight", active_only=False):
-            output = _add_term(layer, adapter, x, output, 1.0)
-    elif not layer.merged:
-        for adapter in _offsets(layer, "adapter", active_only=True):
-            output = _add_term(layer, adapter, x, output, -1.0)
+            output = _add_term(layer, adapter, args[0], output)
     return output
 
 
@@ -198,22 +190,58 @@ def _delta_weight(layer: nn.Module, adapter: str) -> Tensor:
     return delta - (counter.T if layer.fan_in_fan_out else counter)
 
 
+class CounterTerm(LoraVariant):
+    """peft's LoRA-variant hooks for an offset kept in the adapter: the layer adds s (B A d -
+    B0 A0 x), d = dropout(x), as s [(B - B0) A d + B0 ((A - A0) d + A0 (d - x))] (the last term
+    only under dropout): exactly 0 at init in any dtype, and the product the portable adapter's
+    [B - B0, B0] [A; A - A0] computes; merging adds s (B A - B0 A0)."""
+
+    @staticmethod
+    def forward(module, active_adapter: str, x: Tensor, result: Tensor, **kwargs) -> Tensor:
+        lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        A0, B0 = getattr(lora_A, WEIGHT0), getattr(lora_B, WEIGHT0)
+        x = x.to(lora_A.weight.dtype)
+        dropout = module.lora_dropout[active_adapter]
+        d = dropout(x)
+        v = F.linear(d, lora_A.weight - A0)
+        if dropout.training and not isinstance(dropout, nn.Identity):
+            v = v + F.linear(d - x, A0)
+        delta = F.linear(lora_A(d), lora_B.weight - B0) + F.linear(v, B0)
+        return result + delta * module.scaling[active_adapter]
+
+    @staticmethod
+    def merge_safe(module, active_adapter: str, orig_weight: Tensor) -> Tensor:
+        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module, active_adapter: str, orig_weight: Tensor) -> None:
+        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module, active_adapter: str, orig_weight: Tensor) -> Tensor:
+        return orig_weight.data - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+
 def install_counter_term(target: LoraTarget, mode: str) -> None:
-    """Record where ``target``'s offset is kept ("weight" or "adapter") and install the layer's
-    hook (the factors must be stored already)."""
+    """Record where ``target``'s offset is kept, make the layer merge s (B A - B0 A0), install
+    the counter-term ("adapter") and the disabled-adapter hook; the factors are stored already."""
     setattr(target.layer.lora_A[target.adapter], MODE, mode)
     layer = target.layer
+    if mode == "adapter":
+        layer.lora_variant[target.adapter] = CounterTerm()
     if getattr(layer, _HANDLE, None) is None:
-        setattr(layer, _HANDLE, layer.register_forward_hook(_apply_offsets))
+        setattr(layer, _HANDLE, layer.register_forward_hook(_restore_when_disabled))
         layer.get_delta_weight = types.MethodType(_delta_weight, layer)
 
 
 def remove_counter_term(target: LoraTarget) -> None:
-    """Undo ``install_counter_term`` (the write rolled back); the stored factors are removed by the caller."""
+    """Undo ``install_counter_term`` (the write rolled back); the caller removes the factors."""
     module = target.layer.lora_A[target.adapter]
     if hasattr(module, MODE):
         delattr(module, MODE)
     layer = target.layer
+    if isinstance(layer.lora_variant.get(target.adapter), CounterTerm):
+        del layer.lora_variant[target.adapter]
     if not any(_offsets(layer, m, active_only=False) for m in ("weight", "adapter")):
         handle = getattr(layer, _HANDLE, None)
         if handle is not None:
@@ -232,17 +260,11 @@ def write_factors(
 ) -> None:
     """Write init factors into the model, all layers or none (module doc).
 
-    For each target, (A0 (r, n), B0 (m, r)) = factors[target.name] is cast to the adapter's dtype;
-    with ``set_adapter_weights`` A and B are set to it; with ``offset_base`` A0, B0 are kept as
-    buffers with the signature of W (``weight_signature``, for the portable adapter) and the model's
-    function is kept in ``mode``, as ``resolve_offset`` chose it: ``mode="weight"`` makes the base weight W - s B0 A0 in place (fp32 math;
-    for a float32 W one fused ``addmm_``, within one rounding of ``offset_weight``, for
-    bf16 / fp16 exactly ``offset_weight``); ``mode="adapter"`` leaves it byte-identical and
-    makes the LoRA layer subtract s B0 A0 x itself (the counter-term).
-    Every factor's shape is checked and every signature and cast made before anything is
-    written. If anything fails midway (out of memory, interrupt), every layer is put back: A, B,
-    buffers and hooks exactly, a base weight already rewritten to within one rounding of its
-    dtype (the module doc), and the exception gets a note saying so.
+    For each target, (A0 (r, n), B0 (m, r)) = factors[target.name] in the adapter's dtype; with
+    ``set_adapter_weights`` A and B are set to it; with ``offset_base`` A0, B0 are kept as
+    buffers with the signature of W, and the function is kept in ``mode`` ("weight" or
+    "adapter", as ``resolve_offset`` chose it). Shapes, signatures and casts are all made
+    before the first write; a failure midway puts every layer back (module doc).
     """
     if mode not in ("weight", "adapter"):  # the callers resolve "auto" (resolve_offset)
         raise GradLoraError(f"write_factors takes offset mode 'weight' or 'adapter', not {mode!r}")

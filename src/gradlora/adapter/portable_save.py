@@ -12,32 +12,39 @@ own would write DTensor shards): every rank must call it, ``is_main_process`` pi
 from __future__ import annotations
 
 import types
+from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
 
 from ..errors import GradLoraError
 from ..peft_view import active_adapter, lora_layers, offset_layers
-from .io import is_converted, load_converted_into, save_adapter
+from .format import SIDECAR, is_converted
+from .io import load_converted_into, save_adapter
 
 
 def _save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
-    """PeftModel.save_pretrained, writing the portable rank-2r form once the base is offset."""
-    targets = lora_layers(self)[0]
-    sharded = any(t.sharded for t in targets)
-    if not offset_layers(targets) and not sharded:
-        return type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    selected = kwargs.get("selected_adapters")
-    if selected is not None and list(selected) != [targets[0].adapter]:
+    """PeftModel.save_pretrained in peft's layout (the "default" adapter at the root, any other
+    in a subfolder of its name), each offset adapter in the portable rank-2r form."""
+    names = list(kwargs.pop("selected_adapters", None) or self.peft_config)
+    offset = [n for n in names if offset_layers(lora_layers(self, n)[0])]
+    sharded = any(t.sharded for t in lora_layers(self)[0])
+    if sharded and names != [active_adapter(self)]:
         raise GradLoraError(
-            f"selected_adapters={selected}: a LoRA-GA or FSDP2-sharded model saves its active "
-            "adapter only (gradlora.save_adapter); save other adapters from a model without the offset"
+            f"an FSDP2-sharded model saves its active adapter only, not {names}: pass "
+            "selected_adapters=[model.active_adapter], or save the others unsharded"
         )
-    if sharded:  # FSDP2: a collective; every rank gathers, the main process writes
-        save_adapter(self, save_directory, is_main_process=kwargs.get("is_main_process"))
-    elif kwargs.get("is_main_process", True):
-        save_adapter(self, save_directory)
-    return None
+    plain = [n for n in names if n not in offset and not sharded]
+    for name in plain if kwargs.get("is_main_process", True) else []:
+        folder = Path(save_directory) if name == "default" else Path(save_directory) / name
+        (folder / SIDECAR).unlink(missing_ok=True)  # a stale one would make it read as converted
+    if plain:
+        type(self).save_pretrained(self, save_directory, *args, selected_adapters=plain, **kwargs)
+    main = kwargs.get("is_main_process")
+    for name in names if sharded else offset:  # FSDP2: a collective on every rank
+        folder = Path(save_directory) if name == "default" else Path(save_directory) / name
+        if sharded or main is not False:
+            save_adapter(self, folder, is_main_process=main, adapter_name=name)
 
 
 def _load_adapter(self: PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any):

@@ -21,11 +21,26 @@ from ..adapter.portable_save import install_portable_save
 from ..errors import GradLoraError
 from ..meter import PhaseCost, measure
 from ..parallel import collectives
-from ..peft_view import LoraTarget, check_gradient_flows, offset_layers, supported_layers, unwrap
+from ..parallel.sharding import full
+from ..peft_view import (
+    LoraTarget,
+    check_gradient_flows,
+    offset_layers,
+    supported_layers,
+    unwrap,
+)
 from ..precision import math_dtype
 from .capture import LossFn, capture, choose_gradient
 from .formulas import LoraGA, LoraOne, check_rank, init_from_gradient, init_from_svd, make_method
 from .sketch import sketch_svds, step_activation_bytes
+
+# peft's inits that leave the base weights as they were. Any other value (PiSSA, OLoRA, CorDA,
+# LoftQ, peft's LoRA-GA, and any init peft adds later, until it is checked) rewrites them, or may.
+BASE_PRESERVING_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+# an adapter whose ||B A||_F is at most this fraction of ||B||_F ||A||_F adds nothing (peft's
+# inits: B = 0, or orthogonal / MiCA factors whose product is 0 up to rounding); a trained one
+# is far above it
+UNTOUCHED_PRODUCT = 1e-4
 
 
 @dataclass
@@ -87,6 +102,7 @@ def initialize(
     process_group: Any = None,
     skip_unsupported: bool = False,
     collective_timeout: float | None = None,
+    overwrite_adapter: bool = False,
     **options: Any,
 ) -> InitReport:
     """Initialize the active LoRA adapter of ``model`` in place from the gradient on ``batches``.
@@ -102,7 +118,9 @@ def initialize(
     Batches are dicts for ``model(**batch)`` returning ``.loss``, or anything
     ``loss_fn(model, batch)`` turns into a scalar loss. ``gradient`` ("auto", "exact",
     "sketch") and the ``sketch_*`` options choose how G is held; ``skip_unsupported`` leaves
-    LoRA on nn.Embedding / convolutions at peft's init. Every check runs before anything is
+    LoRA on nn.Embedding / convolutions at peft's init. An adapter that already changes the
+    model (trained or loaded) is refused unless ``overwrite_adapter=True`` discards its weights;
+    one whose peft init rewrote the base (PiSSA, OLoRA, ...) always. Every check runs before anything is
     written and the write is all-or-nothing: on any error the model is exactly as it was.
     Under torch.distributed with several ranks (DDP, FSDP2) it is a collective: call it on
     every rank with that rank's batches (``distributed``, ``process_group``,
@@ -111,7 +129,8 @@ def initialize(
     """
     sketch = {"passes": sketch_passes, "oversample": sketch_oversample, "memory": sketch_memory}
     dist = (distributed, process_group, collective_timeout)
-    run = _prepare(model, method, options, gradient, offset, skip_unsupported, dist, sketch)
+    layers = (skip_unsupported, overwrite_adapter)
+    run = _prepare(model, method, options, gradient, offset, layers, dist, sketch)
     spec, targets, group = run.spec, run.targets, process_group
     by_name = {t.name: t for t in targets}
     device = targets[0].weight.device
@@ -189,11 +208,12 @@ class _Run:
     sync: bool  # a collective over the ranks of the process group
 
 
-def _prepare(model, method, options, gradient, offset, skip_unsupported, dist, sketch) -> _Run:
+def _prepare(model, method, options, gradient, offset, layers, dist, sketch) -> _Run:
     """Every check that can refuse an init, before any batch is touched. In a collective init
     a refusal is told to the other ranks, which stop at their join check; then every rank waits
     (at most the collective timeout) for all to join."""
     distributed, group, timeout = dist
+    skip_unsupported, overwrite_adapter = layers
     check_sketch_options(*sketch.values())
     sync = collectives.resolve(distributed, group)
     try:
@@ -222,6 +242,8 @@ def _prepare(model, method, options, gradient, offset, skip_unsupported, dist, s
             )
         check_gradient_flows(targets)  # bitsandbytes layers: a device and a layout to train on
         done = offset_layers(targets)
+        if not done:  # an offset model gets the clearer "already initialized" error below
+            check_fresh_adapter(model, targets, overwrite_adapter)
         spec = make_method(method, **options)
         for t in targets:
             check_rank(spec, t.rank, t.shape, t.name)
@@ -241,6 +263,38 @@ def _prepare(model, method, options, gradient, offset, skip_unsupported, dist, s
     if sync:  # before any collective: a rank that never comes is an error, not a hang
         collectives.check_joined(group, timeout)
     return _Run(spec, model, targets, skipped, mode, offset_mode, sync)
+
+
+def check_fresh_adapter(model: nn.Module, targets: list[LoraTarget], overwrite: bool) -> None:
+    """Refuse to initialize an adapter that is not peft's untouched init: one whose peft init
+    rewrote the base weights (``init_lora_weights`` outside ``BASE_PRESERVING_INITS``: gradlora
+    would measure the gradient at the residual and drop the principal part), and, unless
+    ``overwrite``, one that already adds something (||B A||_F > UNTOUCHED_PRODUCT ||B|| ||A||:
+    trained, or loaded from a checkpoint), whose weights the
+    init would replace. FSDP2 factors are gathered (a collective)."""
+    config = model.peft_config.get(targets[0].adapter) if isinstance(model, PeftModel) else None
+    init = getattr(config, "init_lora_weights", True)
+    if not any(init is v or init == v for v in BASE_PRESERVING_INITS):
+        raise GradLoraError(
+            f"the adapter {targets[0].adapter!r} was built with init_lora_weights={init!r}, "
+            "which rewrites the base weights (a residual of the original): a gradient init on "
+            "top would lose that part. Load the base model again and build the PeftModel with "
+            "init_lora_weights=True (gradlora replaces A and B anyway)"
+        )
+    if overwrite:
+        return
+    for t in targets:
+        A, B = full(t.A).detach().double(), full(t.B).detach().double()
+        # ||B A||_F = ||R_B R_Aᵀ||_F from the QRs B = Q_B R_B, Aᵀ = Q_A R_A: r x r, no squaring
+        R_B, R_A = torch.linalg.qr(B, mode="r")[1], torch.linalg.qr(A.T, mode="r")[1]
+        product = (R_B @ R_A.T).norm()
+        if product > UNTOUCHED_PRODUCT * B.norm() * A.norm():
+            raise GradLoraError(
+                f"the adapter {t.adapter!r} already changes the model (layer {t.name!r} has "
+                "B A != 0: trained, or loaded from a checkpoint), and a gradient init would "
+                "replace its weights. Initialize a fresh PeftModel, or pass "
+                "overwrite_adapter=True to discard the adapter's weights"
+            )
 
 
 def _svd_cost(t: LoraTarget) -> float:
