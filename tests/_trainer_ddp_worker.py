@@ -172,9 +172,9 @@ def main(out: Path) -> None:
     saves: list[str] = []
     real_save = portable_save.save_adapter
 
-    def recording_save(model, path):
+    def recording_save(model, path, **kwargs):
         saves.append(Path(path).name)
-        return real_save(model, path)
+        return real_save(model, path, **kwargs)
 
     portable_save.save_adapter = recording_save  # what the portable save_pretrained calls
     records = Records()

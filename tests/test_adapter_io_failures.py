@@ -79,9 +79,9 @@ def test_corrupt_or_future_sidecar(saved_ga):
     sidecar = saved_ga / "gradlora.json"
     sidecar.write_text("{not json")
     load_fails_untouched(tiny_base("llama"), saved_ga, r"gradlora.json is not valid JSON")
-    sidecar.write_text(json.dumps({"format": 2, "converted": True}))
+    sidecar.write_text(json.dumps({"format": 3, "converted": True}))  # a future format
     load_fails_untouched(
-        tiny_base("llama"), saved_ga, r"has format 2; this gradlora reads format 1"
+        tiny_base("llama"), saved_ga, r"has format 3; this gradlora reads formats \(1, 2\)"
     )
 
 

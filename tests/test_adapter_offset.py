@@ -99,7 +99,7 @@ def test_interrupted_bf16_write_puts_every_layer_back(monkeypatch):
     fault = RuntimeError("out of memory (simulated)")
     calls = fail_at(monkeypatch, gradlora.adapter.offset, "offset_weight", 3, fault)
     with pytest.raises(RuntimeError, match="simulated"):
-        gradlora.initialize(model, batches, num_batches=2, progress=False)
+        gradlora.initialize(model, batches, num_batches=2, progress=False, offset="weight")
     assert "2 layer(s) already rewritten" in "".join(fault.__notes__)
     for i, t in enumerate(supported_layers(model)[0]):
         now, was = t.weight_mn().detach(), W[t.name]

@@ -128,3 +128,32 @@ def test_load_adapter_keeps_the_offset_where_it_was_saved(tmp_path):
     torch.testing.assert_close(
         eval_logits(loaded, batches), eval_logits(model, batches), rtol=1e-6, atol=1e-6
     )
+
+
+def test_a_format_1_adapter_still_loads_exactly(tmp_path):
+    """Adapters written before format 2 (A' = [A; A0], B' = [B, -B0], no exact factors)."""
+    from safetensors.torch import load_file, save_file
+
+    model, original = tiny_peft("llama", r=2)
+    batches = make_batches("llama")
+    gradlora.initialize(model, batches, num_batches=2, progress=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train_steps(model, opt, batches, 2)
+    folder = gradlora.save_adapter(model, tmp_path / "a")
+    weights, exact = load_file(folder / "adapter_model.safetensors"), {}
+    for key, value in load_file(folder / "gradlora_factors.safetensors").items():
+        exact[key] = value
+    old = dict(weights)
+    for key in weights:
+        if key.endswith("lora_A.weight"):
+            A0 = exact[f"{key}.A0"]
+            old[key] = torch.cat([weights[key][: A0.shape[0]], A0])
+        elif key.endswith("lora_B.weight"):
+            r = weights[key].shape[1] // 2
+            old[key] = torch.cat([exact[f"{key}.B"], -weights[key][:, r:]], dim=1)
+    save_file(old, folder / "adapter_model.safetensors")
+    (folder / "gradlora_factors.safetensors").unlink()
+    sidecar = json.loads((folder / "gradlora.json").read_text())
+    (folder / "gradlora.json").write_text(json.dumps(sidecar | {"format": 1}))
+    loaded = gradlora.load_adapter(copy.deepcopy(original), folder)
+    assert torch.equal(eval_logits(loaded, batches), eval_logits(model, batches))

@@ -71,6 +71,7 @@ def test_fsdp2_save_adapter_is_a_collective_with_one_writer(saved):
         "adapter_config.json",
         "adapter_model.safetensors",
         "gradlora.json",
+        "gradlora_factors.safetensors",
     ]
 
 

@@ -301,7 +301,7 @@ def test_low_precision_offset_rounding(arch, dtype):
     batches = make_batches(arch)
     before = logits(model, batches).double()
     W = {t.name: t.weight_mn().detach().clone() for t in supported_layers(model)[0]}
-    gradlora.initialize(model, batches, num_batches=3, progress=False)
+    gradlora.initialize(model, batches, num_batches=3, progress=False, offset="weight")
     after = logits(model, batches).double()
     for t in supported_layers(model)[0]:
         A0, B0 = t.init_factors()
