@@ -1,6 +1,7 @@
 """gradlora: gradient-informed LoRA (LoRA-GA, LoRA-One, LoRA-Pro) on any Hugging Face model through peft."""
 
 from ._version import __version__
+from .adapter.export import export_adapter
 from .adapter.io import load_adapter, save_adapter
 from .errors import GradLoraError
 from .init.initialize import InitReport, LayerReport, estimate_gradients, initialize
@@ -27,6 +28,7 @@ __all__ = [
     "create_optimizer",
     "create_preconditioned_optimizer",
     "estimate_gradients",
+    "export_adapter",
     "initialize",
     "load_adapter",
     "save_adapter",
