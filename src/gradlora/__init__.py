@@ -3,6 +3,7 @@
 from ._version import __version__
 from .adapter.export import export_adapter
 from .adapter.io import load_adapter, save_adapter
+from .adapter.merged import export_merged
 from .errors import GradLoraError
 from .init.initialize import InitReport, LayerReport, estimate_gradients, initialize
 from .integrations.transformers import GradLoraCallback
@@ -29,6 +30,7 @@ __all__ = [
     "create_preconditioned_optimizer",
     "estimate_gradients",
     "export_adapter",
+    "export_merged",
     "initialize",
     "load_adapter",
     "save_adapter",

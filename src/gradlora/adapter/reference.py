@@ -60,10 +60,15 @@ def coarsest(*dtypes: torch.dtype) -> torch.dtype:
 
 def compute_dtype(model: nn.Module) -> torch.dtype:
     """The coarsest float dtype among the model's non-LoRA parameters (a bitsandbytes base's
-    packed weights are not float; its other weights are in its compute dtype)."""
+    packed weights are not float; its other weights are in its compute dtype), bf16 when
+    bitsandbytes computes a 4-bit layer in its CPU inference layout (in bf16)."""
     dtypes = {
         p.dtype for n, p in model.named_parameters() if p.is_floating_point() and "lora_" not in n
     }
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if _is_bnb(module) and getattr(state, "packing_format_for_cpu", False):
+            dtypes.add(torch.bfloat16)
     return coarsest(*dtypes) if dtypes else torch.float32
 
 
