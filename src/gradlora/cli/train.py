@@ -151,11 +151,7 @@ def _main_train(cfg: TrainConfig, ranks: Ranks) -> int:
             "gradlora's inits or none (lora, lora-ga, lora-one, lora-pro, ...); train "
             f"{method.name} without --fsdp"
         )
-    if "vllm" in cfg.export and task.kind == CLASSIFICATION:
-        raise GradLoraError(
-            "--export vllm on a classification task: its head is trained whole "
-            "(modules_to_save), which vLLM's LoRA refuses; use --export merged"
-        )
+    _check_export(cfg, task)
     config = cfg.run_spec(task.identity, method.name, lr, cfg.seed)
     key = digest(config, 16)
     out = Path(cfg.out)
@@ -308,6 +304,15 @@ def _finish(cfg, task, method, model, built, config, result, out, differing, ran
     print(f"saved {where} and {out / 'train.json'}")
     for path in exported:
         print(f"exported {path} (checked against the trained model)")
+
+
+def _check_export(cfg: TrainConfig, task) -> None:
+    """Before training: --export vllm cannot carry a classification head."""
+    if "vllm" in cfg.export and task.kind == CLASSIFICATION:
+        raise GradLoraError(
+            "--export vllm on a classification task: its head is trained whole "
+            "(modules_to_save), which vLLM's LoRA refuses; use --export merged"
+        )
 
 
 def _export(cfg: TrainConfig, task, model, out: Path, eval_bs: int) -> list[str]:
