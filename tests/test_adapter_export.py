@@ -16,7 +16,7 @@ from conftest import (
     tiny_base,
     tiny_peft,
 )
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import gradlora
@@ -259,3 +259,33 @@ def test_bf16_base(tmp_path):
     for folder in ("fp32", "bf16"):
         plain = PeftModel.from_pretrained(tiny_base("llama").to(torch.bfloat16), tmp_path / folder)
         assert rel(eval_logits(plain, batches).float(), live.float()) < 3e-2
+
+
+def test_a_skipped_embedding_layer_is_folded_and_padded_too(tmp_path):
+    """LoRA on nn.Embedding (skip_unsupported=True: peft's init, plain AdamW) at rank 2 beside
+    LoRA-GA layers: its scale is folded into lora_embedding_B and it is padded to rank 8."""
+    base = tiny_base("llama")
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "embed_tokens"],
+        rank_pattern={"embed_tokens": 2},
+    )
+    torch.manual_seed(1)
+    model = get_peft_model(base, config)
+    batches = make_batches("llama", n=2)
+    gradlora.initialize(
+        model, batches, method="lora-ga", num_batches=2, progress=False, skip_unsupported=True
+    )
+    opt = OPTIMIZERS["adamw"](model)
+    model.train()
+    for batch in batches:
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    live = eval_logits(model, batches)
+    gradlora.export_adapter(model, tmp_path / "out")
+    weights = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert weights["base_model.model.model.embed_tokens.lora_embedding_A"].shape[0] == 8
+    plain = PeftModel.from_pretrained(tiny_base("llama"), tmp_path / "out")
+    assert rel(eval_logits(plain, batches), live) < 1e-5
