@@ -327,10 +327,8 @@ def offset_layers(targets: list[LoraTarget]) -> list[str]:
 
 
 def dequantize_bnb(module: nn.Module) -> Tensor:
-    """The float (m, n) weight W_q a bitsandbytes 4-bit or 8-bit layer computes with (a new
-    tensor), also once bitsandbytes has switched a 4-bit weight to its CPU inference layout (on
-    an eval-mode forward without grad; its block scales are then bf16 and stored transposed):
-    a copy is unpacked, the layer is left as it is."""
+    """The float (m, n) weight W_q a bitsandbytes layer computes with (a new tensor), also from
+    the 4-bit CPU inference layout (bf16 block scales, transposed): a copy is unpacked."""
     weight = module.weight
     state = getattr(weight, "quant_state", None)
     if not getattr(state, "packing_format_for_cpu", False):
