@@ -43,7 +43,7 @@ from ..atomic import replace_dir
 from ..errors import GradLoraError
 from ..flags import ModuleFlags
 from ..peft_view import WEIGHT0, LoraTarget, SkippedLayer, active_adapter, lora_layers
-from .io import WEIGHTS, _keys_in
+from .format import WEIGHTS, keys_in
 from .reference import (
     RTOL,
     check_destination,
@@ -103,7 +103,7 @@ def plain_factors(
     """({key: A'' or B''} in float32 or wider, R): the module doc's formulas for every layer."""
     factors: list[tuple[str, str, Tensor, Tensor]] = []
     for layer in [*targets, *skipped]:
-        key_a, key_b = _keys_in(state, layer)
+        key_a, key_b = keys_in(state, layer)
         A, B = state[key_a], state[key_b]
         dtype = torch.promote_types(A.dtype, torch.float32)
         A, B = A.to(dtype), B.to(dtype)
@@ -230,7 +230,7 @@ def check_layers(
     scale = cfg.lora_alpha / cfg.r
     gen = torch.Generator().manual_seed(1)
     for layer in [*targets, *skipped]:
-        key_a, key_b = _keys_in(state, layer)
+        key_a, key_b = keys_in(state, layer)
         if key_a not in saved or key_b not in saved:
             raise GradLoraError(f"the export at {folder} lacks the weights of {layer.name!r}")
         A, B = (state[k].detach().cpu().double().flatten(1) for k in (key_a, key_b))
