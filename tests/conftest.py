@@ -49,6 +49,28 @@ def wide_llama_config() -> LlamaConfig:
     )
 
 
+def tiny_llama_folder(folder):
+    """A 1-layer random Llama with MiniLM's tokenizer, saved as a local model folder."""
+    from transformers import AutoTokenizer
+
+    from gradlora.cli.data import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def tiny_base(arch: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random model; the same seed gives the same weights."""
     torch.manual_seed(seed)

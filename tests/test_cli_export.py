@@ -5,9 +5,10 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_llama_folder
 from peft import PeftModel
 from test_cli_main import FAST, write_csv
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from gradlora.cli.main import main
 
@@ -17,22 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 @pytest.fixture
 def tiny_folder(tmp_path):
     """A 1-layer random Llama with MiniLM's tokenizer, saved as a local model folder."""
-    from gradlora.cli.data import minilm_path
-
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
-    return tmp_path / "tiny"
+    return tiny_llama_folder(tmp_path / "tiny")
 
 
 def logits(model, ids):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_base
+from conftest import tiny_base, tiny_llama_folder
 from safetensors.torch import load_file
 
 from gradlora.cli.main import main
@@ -76,23 +76,7 @@ def test_train_on_jsonl_with_integer_labels(tmp_path):
 
 
 def test_train_text_only_jsonl_is_causal_lm_on_a_local_model_folder(tmp_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from gradlora.cli.data import minilm_path
-
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
+    tiny_llama_folder(tmp_path / "tiny")
     path = tmp_path / "notes.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"note {i}: the cat sat"}) for i in range(20)))
     out = tmp_path / "out"
