@@ -157,3 +157,22 @@ def test_a_format_1_adapter_still_loads_exactly(tmp_path):
     (folder / "gradlora.json").write_text(json.dumps(sidecar | {"format": 1}))
     loaded = gradlora.load_adapter(copy.deepcopy(original), folder)
     assert torch.equal(eval_logits(loaded, batches), eval_logits(model, batches))
+
+
+def test_an_adapter_added_after_a_weight_offset_is_refused_not_saved_wrong(tmp_path):
+    """A weight offset of "default" rewrote W; an adapter added afterwards sees W', so
+    initializing or saving it would silently be relative to W' on the original base."""
+    model, _ = tiny_peft("llama", r=2)
+    batches = make_batches("llama")
+    gradlora.initialize(model, batches, num_batches=2, progress=False, offset="weight")
+    model.add_adapter("late", lora_config("llama", r=2))
+    model.set_adapter("late")
+    before = model_snapshot(model)
+    with pytest.raises(GradLoraError, match="weight offset rewrote the base weight"):
+        gradlora.initialize(model, batches, method="lora-one", num_batches=2, progress=False)
+    assert_same_snapshot(before, model_snapshot(model))
+    with pytest.raises(GradLoraError, match="adapter 'late' would be relative to W'"):
+        gradlora.save_adapter(model, tmp_path / "late")
+    with pytest.raises(GradLoraError, match="saving adapter 'late'"):
+        model.save_pretrained(tmp_path / "both")
+    assert not (tmp_path / "late").exists() and not (tmp_path / "both" / "late").exists()

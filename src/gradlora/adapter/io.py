@@ -55,7 +55,13 @@ from .format import (
     split_converted,
     to_portable,
 )
-from .offset import offset_mode, resolve_offset, weight_signature, write_factors
+from .offset import (
+    offset_mode,
+    refuse_foreign_weight_offset,
+    resolve_offset,
+    weight_signature,
+    write_factors,
+)
 
 
 def save_adapter(
@@ -83,6 +89,7 @@ def save_adapter(
         )
     adapter = adapter_name or active_adapter(model)
     targets, skipped = lora_layers(model, adapter)
+    refuse_foreign_weight_offset(targets, f"saving adapter {adapter!r}")
     stored = [t.init_factors() for t in targets]
     exact: dict[str, Tensor] = {}  # format 2's exact factors (converted adapters only)
     converted = bool(offset_layers(targets))

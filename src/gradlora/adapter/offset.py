@@ -1,5 +1,5 @@
-"""The offset of a LoRA-GA init in one place: where it is kept, how it is written, and the
-signature of the base it was taken from (docs/algorithms.md, sections 2 and 5).
+"""The offset of a LoRA-GA init: where it is kept, how it is written, the base signature
+(docs/algorithms.md, sections 2 and 5).
 
 A LoRA-GA init keeps the model's function by subtracting s B0 A0; A0 (r, n), B0 (m, r) are
 kept exactly as persistent buffers ``peft_view.WEIGHT0`` on lora_A / lora_B (a raw
@@ -10,13 +10,10 @@ dropping the offset). ``offset="weight"`` rewrites W' = W - s B0 A0 (``offset_we
 adapter disabled a hook adds s B0 A0 x back to a weight offset, so ``disable_adapter()`` is
 the original model in both modes.
 
-``write_factors`` is the one place that changes a model's weights, all layers or none: every
-step that can refuse or fail for a reason other than an interrupt or running out of memory
-runs before the first write; a float32 W is rewritten by one ``addmm_``, a bf16 / fp16 W
-through ``offset_weight`` (fp32 math, rounded once). An exception midway (interrupt, out of
-memory) puts every layer back before it propagates: the layer in flight from its copy, the
-layers before it by W' + s B0 A0 (within one rounding of their dtype), A, B, buffers and hooks
-exactly, and the exception gets a note saying so.
+``write_factors`` is the one place that changes a model's weights, all layers or none: all that
+can refuse runs before the first write (float32 W: one ``addmm_``; bf16 / fp16: ``offset_weight``).
+An interrupt or out-of-memory midway puts every layer back (the one in flight from its copy, the
+others by W' + s B0 A0, within one rounding) and notes it on the exception.
 
 ``weight_signature`` of an (m, n) W: [‖W‖_F, u_1ᵀ W z_1, ..., u_kᵀ W z_k] in fp64, Gaussian
 u_i, z_i seeded by the layer's name; E[(u_iᵀ (W - W') z_i)²] = ‖W - W'‖_F², so two signatures
@@ -92,20 +89,16 @@ def resolve_offset(mode: str, targets: list[LoraTarget]) -> str:
 
 
 def offset_weight(W: Tensor, A0: Tensor, B0: Tensor, scaling: float) -> Tensor:
-    """W' = W - s * B0 @ A0, computed in fp32 (or W's precision if higher), cast back to W's dtype.
-
-    W (m, n), A0 (r, n), B0 (m, r). Pass the A0, B0 exactly as stored in the adapter (after
-    casting to its dtype) so that W' + s B0 A0 reproduces W up to W's rounding.
-    """
+    """W' = W - s B0 A0 (W (m, n), A0 (r, n), B0 (m, r) as stored in the adapter), in fp32 or
+    W's precision if higher, cast back to W's dtype: W' + s B0 A0 is W up to W's rounding."""
     dtype = math_dtype(W)
     delta = B0.to(dtype) @ A0.to(dtype)
     return (W.to(dtype) - scaling * delta).to(W.dtype)
 
 
 def weight_signature(W: Tensor, name: str, probes: int = PROBES) -> list[float]:
-    """[‖W‖_F, u_1ᵀ W z_1, ..., u_kᵀ W z_k] of the (m, n) weight W (module doc), in fp64. W may
-    be a DTensor whose stored rows are sharded (FSDP2; W itself or its transpose): then every
-    rank of its mesh calls this, and all get the same numbers."""
+    """[‖W‖_F, u_1ᵀ W z_1, ..., u_kᵀ W z_k] of the (m, n) W (module doc) in fp64; for a DTensor
+    W (FSDP2, rows of W or Wᵀ sharded) a collective that gives every rank the same numbers."""
     m, n = W.shape
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     U = torch.randn(probes, m, generator=gen, dtype=torch.float64)
@@ -122,8 +115,7 @@ def weight_signature(W: Tensor, name: str, probes: int = PROBES) -> list[float]:
 
 
 def _terms(W: Tensor, U: Tensor, Z: Tensor, rows: Tensor | None) -> Tensor:
-    """[‖W‖_F, u_iᵀ W z_i] of the rows ``rows`` (None: all) of the whole weight, whose rows
-    ``W`` holds: the norm as a sum of squares for a shard, its square root for a whole W."""
+    """[‖W‖_F, u_iᵀ W z_i] over the rows ``rows`` (None: all) W holds (a shard: ‖W‖_F²)."""
     probes = U.shape[0]
     Z = Z.to(W.device)
     WZ = torch.empty(W.shape[0], probes, dtype=torch.float64)  # (rows, k): one column per probe
@@ -150,13 +142,19 @@ def _offsets(layer: nn.Module, mode: str, active_only: bool) -> list[str]:
     """The adapters of ``layer`` (active ones only, or all) whose offset is kept in ``mode``."""
     names = layer.active_adapters if active_only else list(layer.lora_A)
     names = [names] if isinstance(names, str) else names
-    return [
-        a
-        for a in names
-        if a in layer.lora_A
-        and getattr(layer.lora_A[a], MODE, None) == mode
-        and getattr(layer.lora_A[a], WEIGHT0, None) is not None
-    ]
+    modules = [(a, layer.lora_A[a]) for a in names if a in layer.lora_A]
+    return [a for a, m in modules if getattr(m, MODE, None) == mode and hasattr(m, WEIGHT0)]
+
+
+def refuse_foreign_weight_offset(targets: list[LoraTarget], what: str) -> None:
+    """Refuse ``what`` on an adapter whose base W another adapter's weight offset rewrote."""
+    bad = [t for t in targets if set(_offsets(t.layer, "weight", False)) - {t.adapter}]
+    if bad:
+        raise GradLoraError(
+            f"{what}: another adapter's weight offset rewrote the base weight of {bad[0].name!r}, "
+            f"so adapter {bad[0].adapter!r} would be relative to W' and wrong on the original "
+            "model; initialize the other adapter with offset='adapter', or use a fresh PeftModel"
+        )
 
 
 def _add_term(layer: nn.Module, adapter: str, x: Tensor, output: Tensor) -> Tensor:
@@ -179,8 +177,7 @@ def _restore_when_disabled(layer: nn.Module, args: tuple, output: Any) -> Any:
 
 
 def _delta_weight(layer: nn.Module, adapter: str) -> Tensor:
-    """peft's get_delta_weight, s B A (transposed for fan_in_fan_out), minus the counter-term of
-    an offset kept in the adapter (an offset in the weight is merged already)."""
+    """peft's s B A (transposed for fan_in_fan_out) minus s B0 A0 for an offset in the adapter."""
     delta = type(layer).get_delta_weight(layer, adapter)
     if adapter not in _offsets(layer, "adapter", active_only=False):
         return delta
@@ -320,8 +317,7 @@ class _Plan:
 
     @classmethod
     def make(cls, t: LoraTarget, A0: Tensor, B0: Tensor, offset_base: bool, rewrite: bool):
-        """Casts, copies and the signature (a collective for a sharded W: every rank makes the
-        plans of the same targets in order)."""
+        """Casts, copies and the signature (for a sharded W a collective, in target order)."""
         p = cls()
         p.t = t
         A, B = local(t.A), local(t.B)  # A, B may be DTensors (FSDP2): each rank writes its shard

@@ -21,6 +21,7 @@ from ..errors import GradLoraError
 from ..peft_view import active_adapter, lora_layers, offset_layers
 from .format import SIDECAR, is_converted
 from .io import load_converted_into, save_adapter
+from .offset import refuse_foreign_weight_offset
 
 
 def _save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
@@ -35,6 +36,8 @@ def _save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs:
             "selected_adapters=[model.active_adapter], or save the others unsharded"
         )
     plain = [n for n in names if n not in offset and not sharded]
+    for name in plain:  # peft's own save would write them relative to a rewritten base
+        refuse_foreign_weight_offset(lora_layers(self, name)[0], f"saving adapter {name!r}")
     for name in plain if kwargs.get("is_main_process", True) else []:
         folder = Path(save_directory) if name == "default" else Path(save_directory) / name
         (folder / SIDECAR).unlink(missing_ok=True)  # a stale one would make it read as converted

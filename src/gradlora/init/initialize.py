@@ -16,7 +16,7 @@ from peft import PeftModel
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..adapter.offset import resolve_offset, write_factors
+from ..adapter.offset import refuse_foreign_weight_offset, resolve_offset, write_factors
 from ..adapter.portable_save import install_portable_save
 from ..errors import GradLoraError
 from ..meter import PhaseCost, measure
@@ -253,6 +253,7 @@ def _prepare(model, method, options, gradient, offset, layers, dist, sketch) -> 
                 f"{done[0]!r}); a second init would measure the gradient at the offset weights. "
                 "Start again from a fresh PeftModel of the original base model"
             )
+        refuse_foreign_weight_offset(targets, "initialize")
         offset_mode = resolve_offset(offset, targets) if spec.offsets_base else None
         mode = choose_gradient(gradient, targets)
     except Exception:
