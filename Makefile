@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: anything that asks for torch later finds it installed
 	$(PY) -m pip install --disable-pip-version-check -q torch==2.13.0
-	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[test,cli,quant]"
+	DS_BUILD_OPS=0 $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt \
+		-e ".[test,cli,quant,deepspeed]"
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps $(OFFLINE_DATA)
 	touch $(STAMP)
 

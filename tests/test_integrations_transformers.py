@@ -5,15 +5,12 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import (
-    assert_same_snapshot,
     lora_config,
     make_batches,
-    model_snapshot,
     tiny_base,
     tiny_peft,
 )
@@ -289,33 +286,6 @@ def test_errors_name_the_fix(tmp_path):
     model, _ = tiny_peft("llama", r=2)
     with pytest.raises(gradlora.GradLoraError, match="choose one of"):
         gradlora.create_optimizer(model, "sgd", lr=1e-3)
-
-
-def test_deepspeed_zero3_is_refused_naming_fsdp2(tmp_path):
-    """From the Trainer's arguments (a DeepSpeed config or accelerate's plugin) or from
-    parameters ZeRO-3 partitioned; initialize refuses such parameters before any write."""
-    model, _ = tiny_peft("llama", r=2)
-    callback = gradlora.GradLoraCallback()
-    for zero3 in (
-        SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)),
-        SimpleNamespace(hf_deepspeed_config=SimpleNamespace(is_zero3=lambda: True)),
-    ):
-        with pytest.raises(gradlora.GradLoraError, match="DeepSpeed ZeRO-3.*FSDP2"):
-            callback.on_init_end(zero3, None, None, model=model)
-        with pytest.raises(gradlora.GradLoraError, match="DeepSpeed ZeRO-3.*FSDP2"):
-            callback.on_train_begin(zero3, SimpleNamespace(global_step=0), None, model=model)
-    assert callback.report is None
-    zero2 = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2))
-    callback.on_init_end(zero2, None, None, model=model)  # not refused here
-
-    for i, p in enumerate(model.parameters()):  # what deepspeed.zero.Init leaves on each
-        p.ds_id, p.ds_status = i, "NOT_AVAILABLE"
-    before = model_snapshot(model)
-    with pytest.raises(gradlora.GradLoraError, match="partitioned by DeepSpeed ZeRO-3.*FSDP2"):
-        gradlora.initialize(model, make_batches("llama", n=1), progress=False)
-    assert_same_snapshot(before, model_snapshot(model))
-    with pytest.raises(gradlora.GradLoraError, match="DeepSpeed ZeRO-3.*FSDP2"):
-        Trainer(model=model, args=args(tmp_path), callbacks=[gradlora.GradLoraCallback()])
 
 
 def test_unwraps_data_parallel_and_compile_wrappers():

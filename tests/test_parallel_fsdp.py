@@ -50,7 +50,7 @@ def test_fsdp2_optimizer_steps_equal_one_process_on_the_whole_batch(ranks, name)
 
 def test_fsdp2_weight_offset_and_per_process_init_are_refused_with_the_fix(ranks):
     error = ranks[0]["weight_offset_error"]
-    assert "FSDP-sharded base weight" in error and "offset='adapter'" in error
+    assert "FSDP2 / ZeRO-3 split across ranks" in error and "offset='adapter'" in error
     assert "is a collective" in ranks[1]["per_process_error"]  # distributed=False
     assert ranks[0]["untouched_after_refusal"]
 

@@ -8,8 +8,8 @@ and the layer adds s B A x with s = alpha / r (alpha / sqrt(r) with rsLoRA).
 
 LoRA on other layers (lora.Embedding, lora.Conv2d, ...) is refused unless ``skip_unsupported=
 True``: ``supported_layers`` then returns them apart as ``SkippedLayer``s (no init, plain AdamW)
-with one WARNING. DoRA, lora_bias, merged adapters, non-bitsandbytes quantized and ZeRO-3
-partitioned weights are errors on every layer.
+with one WARNING. DoRA, lora_bias, merged adapters and non-bitsandbytes quantized weights are
+errors on every layer.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import GradLoraError
-from .parallel.sharding import ZERO3_FIX, partitioning
+from .parallel.sharding import partitioning
+from .parallel.zero import read_whole, whole_shape
 
 WEIGHT0 = "gradlora_weight0"  # buffer name of the init factors A0 / B0 on lora_A / lora_B
 BASE_SIGNATURE = "gradlora_base_signature"  # on lora_A: weight_signature of W before the offset
@@ -60,10 +61,12 @@ class LoraTarget:
     # FSDP2 (``fully_shard``): the weights are DTensors; the base weight is then never read
     # whole nor rewritten, and A, B are written shard by shard
     sharded: bool
+    # DeepSpeed ZeRO-3: each rank holds a slice of every weight (parallel/zero.py)
+    zero3: bool = False
 
     @classmethod
     def of(
-        cls, name: str, module_name: str, layer: LoraLinear, adapter: str, sharded: bool
+        cls, name: str, module_name: str, layer: LoraLinear, adapter: str, partition: str | None
     ) -> LoraTarget:
         base = layer.get_base_layer()
         A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
@@ -77,22 +80,27 @@ class LoraTarget:
             B=B,
             rank=int(layer.r[adapter]),
             scaling=float(layer.scaling[adapter]),
-            shape=(B.shape[0], A.shape[1]),
+            shape=(whole_shape(B)[0], whole_shape(A)[1]),
             transposed=isinstance(base, Conv1D) or bool(layer.fan_in_fan_out),
             quantized=_is_bnb(base),
-            sharded=sharded,
+            sharded=partition == "fsdp2",
+            zero3=partition == "zero3",
         )
 
+    @property
+    def partitioned(self) -> bool:  # this rank holds a part of the weights only
+        return self.sharded or self.zero3
+
     def weight_mn(self) -> Tensor:
-        """The base weight as (m, n), whatever its storage: a view of a float weight, or the
-        dequantized W_q (a new fp tensor) that a quantized layer computes with."""
+        """The base weight as (m, n): a view of a float weight, a gathered copy (ZeRO-3: a
+        collective), or the dequantized W_q (a new tensor) a quantized layer computes with."""
         if self.quantized:
             return dequantize_bnb(self.layer.get_base_layer())
-        return self.weight.T if self.transposed else self.weight
+        weight = read_whole(self.weight) if self.zero3 else self.weight
+        return weight.T if self.transposed else weight
 
     def original_signature(self) -> list[float] | None:
-        """``adapter.offset.weight_signature`` of the base weight before the init offset it (None if
-        it was never offset)."""
+        """``weight_signature`` of the base weight before the init offset it, or None."""
         sig = getattr(self.layer.lora_A[self.adapter], BASE_SIGNATURE, None)
         return None if sig is None else sig.tolist()
 
@@ -137,8 +145,8 @@ _WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / DataParallel (``.module``) and torch.compile
-    (``._orig_mod``) wrappers, however deeply nested.
+    """The model inside DistributedDataParallel / DataParallel / DeepSpeed's engine (``.module``)
+    and torch.compile (``._orig_mod``) wrappers, however deeply nested.
 
     Working through DDP's forward would run its gradient all-reduce on parameters gradlora does
     not train; gradlora works on the inner module and reduces itself. FSDP2 (``fully_shard``)
@@ -146,7 +154,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     unwrapping; FSDP1 (``FullyShardedDataParallel``) flattens the weights and is refused.
     """
     while True:
-        if isinstance(model, _WRAPPERS):
+        if isinstance(model, _WRAPPERS) or type(model).__name__ == "DeepSpeedEngine":
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod  # torch.compile's OptimizedModule
@@ -212,11 +220,10 @@ def lora_layers(
     """(supported targets, skippable unsupported layers) of ``adapter`` (None: the active
     one), quietly.
 
-    Every hard error is raised here for every layer, skippable or not (not LoRA, no LoRA
-    layers, several active adapters, a kind that cannot be skipped, non-bitsandbytes quantized weights, DoRA,
-    lora_bias, merged adapters). Callers that act on the choice use ``supported_layers``.
-    Accepts a PeftModel or any module into which peft injected LoRA layers, also inside the
-    wrappers ``unwrap`` looks through.
+    Every hard error is raised here for every layer (not LoRA, no LoRA layers, several active
+    adapters, an unskippable kind, non-bitsandbytes quantized weights, DoRA, lora_bias, merged
+    adapters). Callers that act on the choice use ``supported_layers``. Takes a PeftModel or
+    any module peft injected LoRA layers into, also inside the wrappers ``unwrap`` sees through.
     """
     model = unwrap(model)
     config = (
@@ -241,15 +248,10 @@ def lora_layers(
         if adapter not in layer.lora_A and adapter not in getattr(layer, "lora_embedding_A", {}):
             continue  # the active adapter does not target this layer
         partition = partitioning(layer.parameters())
-        if partition == "zero3":
-            raise GradLoraError(
-                f"the weights of {module_name!r} are partitioned by DeepSpeed ZeRO-3 (each rank "
-                f"holds a shard only), which gradlora does not support: {ZERO3_FIX}"
-            )
         supported = _check_layer(module_name, layer, adapter)
         name = module_name.removeprefix(PEFT_PREFIX)
         if supported:
-            targets.append(LoraTarget.of(name, module_name, layer, adapter, partition == "fsdp2"))
+            targets.append(LoraTarget.of(name, module_name, layer, adapter, partition))
         else:
             skipped.append(SkippedLayer(name, module_name, layer, adapter))
     if not targets and not skipped:
@@ -293,9 +295,8 @@ def supported_layers(
 
 
 def check_gradient_flows(targets: list[LoraTarget]) -> None:
-    """Refuse bitsandbytes 4-bit layers switched to bitsandbytes' CPU inference layout: it does
-    so on the first forward in eval mode without grad (AVX512-BF16 CPUs), and from then on its
-    matmul passes no gradient back to its input, so every layer below would get none."""
+    """Refuse bitsandbytes 4-bit layers in the CPU inference layout (set by a no-grad eval
+    forward on AVX512-BF16 CPUs), whose matmul passes no gradient back to its input."""
     for t in targets:
         if t.quantized:
             check_bnb_device(t.weight.device, f"the bitsandbytes layer {t.name!r}")
@@ -310,8 +311,7 @@ def check_gradient_flows(targets: list[LoraTarget]) -> None:
 
 
 def check_bnb_device(device: torch.device, what: str) -> None:
-    """Refuse ``what`` on a device whose type bitsandbytes (if imported) has no backend for
-    (``bitsandbytes.supported_torch_devices``): its kernels would fail mid-init."""
+    """Refuse ``what`` on a device bitsandbytes (if imported) has no backend for."""
     supported = getattr(sys.modules.get("bitsandbytes"), "supported_torch_devices", None)
     if supported is not None and device.type not in supported:
         raise GradLoraError(

@@ -34,6 +34,7 @@ from ..atomic import write_files
 from ..errors import GradLoraError
 from ..flags import ModuleFlags
 from ..parallel.collective_save import any_sharded, whole, write_once
+from ..parallel.zero import gathered
 from ..peft_view import (
     WEIGHT0,
     LoraTarget,
@@ -70,6 +71,7 @@ def save_adapter(
     *,
     is_main_process: bool | None = None,
     adapter_name: str | None = None,
+    state_dict: Mapping[str, Tensor] | None = None,
 ) -> Path:
     """Save the active adapter (or ``adapter_name``) so that plain peft loads it on the
     ORIGINAL base model.
@@ -80,7 +82,10 @@ def save_adapter(
     as it is. Files are written to a temporary folder and moved into ``path`` when complete.
     Returns the folder. On an FSDP2-sharded model this is a collective: every rank calls it,
     the weights are gathered, the rank with ``is_main_process`` (None: rank 0) writes, and all
-    return after it (``collective_save``); on one process ``is_main_process`` is ignored.
+    return after it (``collective_save``); on one process ``is_main_process`` is ignored. So is
+    it under DeepSpeed ZeRO-3, unless ``state_dict`` is given: the model's whole state dict,
+    already gathered (the Trainer's ``save_model`` passes it on the writing rank only), from
+    which the adapter is written with no communication.
     """
     model = unwrap(model)
     if not isinstance(model, PeftModel):
@@ -98,9 +103,13 @@ def save_adapter(
         raise GradLoraError(
             f"layers {bad} disagree with the others on whether the base weight was offset"
         )
-    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    zero3 = any(t.zero3 for t in targets) and state_dict is None  # gather: a collective
+    trainable = [p for n, p in model.named_parameters() if p.requires_grad or "lora_" in n]
+    with gathered(trainable if zero3 else []):
+        state = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=adapter)
+        state = {k: v.detach().clone() if zero3 else v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.endswith("." + WEIGHT0)}  # folded in below
-    sharded = any_sharded(state) or any(t.sharded for t in targets)
+    sharded = any_sharded(state) or any(t.sharded for t in targets) or zero3
     state = whole(state)  # FSDP2: an all-gather per tensor, on every rank
     config = model.peft_config[adapter]
     if converted:
@@ -122,6 +131,8 @@ def save_adapter(
         "base": {
             t.name: t.original_signature() or weight_signature(t.weight_mn(), t.name)
             for t in targets
+            # a partitioned W given with state_dict (one rank) cannot be gathered: not checked
+            if t.original_signature() or not (t.zero3 and state_dict is not None)
         },
     }
 
@@ -215,10 +226,12 @@ def load_converted_into(
     saved: Mapping[str, Tensor] | None = None,
     check_base: bool = True,
     offset: str = "auto",
+    factors_only: bool = False,
 ) -> None:
     """Load a rank-2r adapter written by ``save_adapter`` (``saved``: its weights, read from
     ``path`` if None) into ``model``'s active rank-r adapter, in place (tensors keep their
-    identity, so an optimizer's references stay valid).
+    identity, so an optimizer's references stay valid). ``factors_only``: the offset only, A and
+    B left as they are (a DeepSpeed resume restores them from its own checkpoint).
 
     A, B (and modules_to_save such as a classifier head) get the trained values; the base
     weights are offset by the saved A0, B0 unless the model is already offset by the same
@@ -247,12 +260,13 @@ def load_converted_into(
             )
     if check_base:
         _check_base_of(model, sidecar, path)  # before anything is written
-    with torch.no_grad():
-        adapter = active_adapter(unwrap(model))
-        result = set_peft_model_state_dict(model, state, adapter_name=adapter)
-    unexpected = [k for k in result.unexpected_keys if "lora_" in k or adapter in k]
-    if unexpected:
-        raise GradLoraError(f"adapter at {path} has weights the model lacks: {unexpected[:5]}")
+    if not factors_only:
+        with torch.no_grad():
+            adapter = active_adapter(unwrap(model))
+            result = set_peft_model_state_dict(model, state, adapter_name=adapter)
+        unexpected = [k for k in result.unexpected_keys if "lora_" in k or adapter in k]
+        if unexpected:
+            raise GradLoraError(f"adapter at {path} has weights the model lacks: {unexpected[:5]}")
     if all(s is None for s in stored):
         mode = _load_offset_mode(offset, targets, sidecar.get("offset"))
         write_factors(targets, factors, offset_base=True, mode=mode, set_adapter_weights=False)

@@ -36,13 +36,15 @@ from torch import Tensor, nn
 
 from ..errors import GradLoraError
 from ..parallel.sharding import (
+    assign_whole_,
+    full,
     is_sharded,
     local,
-    local_part,
     local_rows,
     require_row_layout,
     sum_over_shards,
 )
+from ..parallel.zero import register_external, whole_shape
 from ..peft_view import BASE_SIGNATURE, WEIGHT0, LoraTarget
 from ..precision import math_dtype
 
@@ -55,14 +57,14 @@ CHUNK = 1 << 18  # entries of W converted to fp64 at once (2 MiB: a small transi
 
 def resolve_offset(mode: str, targets: list[LoraTarget]) -> str:
     """``offset`` -> "weight" or "adapter". "auto" is "adapter" when any target's base is
-    quantized (it cannot be rewritten without re-quantizing), sharded (FSDP2: each rank holds a
-    slice of W), in bf16 / fp16 (the adapter mode keeps the outputs exactly at init, the weight
+    quantized (it cannot be rewritten without re-quantizing), sharded (FSDP2, ZeRO-3: each rank
+    holds a slice of W), in bf16 / fp16 (the adapter mode keeps the outputs exactly at init, the weight
     mode only to the dtype's rounding), or shared with another adapter of the PeftModel (whose
     outputs a rewritten W would change); "weight" otherwise (no extra product per forward)."""
     if mode not in OFFSET_MODES:
         raise GradLoraError(f"unknown offset={mode!r}; choose one of {', '.join(OFFSET_MODES)}")
     quantized = [t.name for t in targets if t.quantized]
-    sharded = [t.name for t in targets if t.sharded]
+    sharded = [t.name for t in targets if t.partitioned]
     shared = [t for t in targets if set(t.layer.lora_A) - {t.adapter}]
     if mode == "auto":
         low = any(t.weight.dtype in (torch.bfloat16, torch.float16) for t in targets)
@@ -74,7 +76,8 @@ def resolve_offset(mode: str, targets: list[LoraTarget]) -> str:
         )
     if mode == "weight" and sharded:
         raise GradLoraError(
-            f"offset='weight' would rewrite the FSDP-sharded base weight of {sharded[0]!r}; "
+            f"offset='weight' would rewrite the base weight of {sharded[0]!r}, which FSDP2 / "
+            "ZeRO-3 split across ranks (each holds a slice); "
             "use offset='adapter' (or 'auto'), which leaves every base weight untouched and "
             "computes the same outputs and steps"
         )
@@ -226,6 +229,8 @@ def install_counter_term(target: LoraTarget, mode: str) -> None:
     layer = target.layer
     if mode == "adapter":
         layer.lora_variant[target.adapter] = CounterTerm()
+        # it reads A and B outside their modules' forward: ZeRO-3 must gather them with the layer
+        register_external(layer, [target.A, target.B])
     if getattr(layer, _HANDLE, None) is None:
         setattr(layer, _HANDLE, layer.register_forward_hook(_restore_when_disabled))
         layer.get_delta_weight = types.MethodType(_delta_weight, layer)
@@ -270,10 +275,11 @@ def write_factors(
         raise GradLoraError(f"no init factors for layer(s) {missing}")
     for t in targets:
         A0, B0 = factors[t.name]
-        if tuple(A0.shape) != tuple(t.A.shape) or tuple(B0.shape) != tuple(t.B.shape):
+        shape_a, shape_b = tuple(whole_shape(t.A)), tuple(whole_shape(t.B))
+        if tuple(A0.shape) != shape_a or tuple(B0.shape) != shape_b:
             raise GradLoraError(
                 f"init factors for {t.name!r} have shapes {tuple(A0.shape)}, {tuple(B0.shape)}; "
-                f"the adapter needs {tuple(t.A.shape)}, {tuple(t.B.shape)}"
+                f"the adapter needs {shape_a}, {shape_b}"
             )
     rewrite = offset_base and mode == "weight"
     with torch.no_grad():  # every fallible step before the first write
@@ -307,9 +313,7 @@ class _Plan:
     t: LoraTarget
     A0: Tensor  # in the adapter's dtype and device: what A, B and the buffers get
     B0: Tensor
-    part_a: Tensor  # this rank's part of A0, B0 (for set_adapter_weights)
-    part_b: Tensor
-    old_a: Tensor  # this rank's A, B before the write
+    old_a: Tensor  # whole A, B before the write
     old_b: Tensor
     signature: Tensor | None  # of W before the offset
     rewrite: bool  # whether the base weight is offset (mode "weight")
@@ -320,11 +324,8 @@ class _Plan:
         """Casts, copies and the signature (for a sharded W a collective, in target order)."""
         p = cls()
         p.t = t
-        A, B = local(t.A), local(t.B)  # A, B may be DTensors (FSDP2): each rank writes its shard
-        p.A0 = A0.to(device=A.device, dtype=A.dtype)
-        p.B0 = B0.to(device=B.device, dtype=B.dtype)
-        p.part_a, p.part_b = local_part(p.A0, t.A), local_part(p.B0, t.B)
-        p.old_a, p.old_b = A.clone(), B.clone()
+        p.A0, p.B0 = (x.to(local(y).device, y.dtype) for x, y in ((A0, t.A), (B0, t.B)))
+        p.old_a, p.old_b = full(t.A).clone(), full(t.B).clone()  # FSDP2, ZeRO-3: gathers
         p.signature = None
         if offset_base:
             sig = weight_signature(t.weight_mn(), t.name)
@@ -347,10 +348,14 @@ class _Plan:
             lora_b.register_buffer(WEIGHT0, self.B0.clone(), persistent=True)
             install_counter_term(t, mode)
         if set_adapter_weights:
-            local(t.A).copy_(self.part_a)
-            local(t.B).copy_(self.part_b)
+            self._set(self.A0, self.B0)
         if self.rewrite:
             self._offset(t.scaling)
+
+    def _set(self, a: Tensor, b: Tensor) -> None:
+        """A, B <- the whole a, b, on this rank's part (ZeRO: the master copy too)."""
+        assign_whole_(self.t.A, a)
+        assign_whole_(self.t.B, b)
 
     def _offset(self, scaling: float) -> None:
         """W <- W - scaling B0 A0 in place (add it back with -scaling)."""
@@ -368,8 +373,7 @@ class _Plan:
     def restore_adapter(self) -> None:
         """A, B, buffers and hook exactly as before the write."""
         t = self.t
-        local(t.A).copy_(self.old_a)
-        local(t.B).copy_(self.old_b)
+        self._set(self.old_a, self.old_b)
         if self.signature is not None:
             remove_counter_term(t)
             for module in (t.layer.lora_A[t.adapter], t.layer.lora_B[t.adapter]):

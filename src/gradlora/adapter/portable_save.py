@@ -29,10 +29,13 @@ def _save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs:
     in a subfolder of its name), each offset adapter in the portable rank-2r form."""
     names = list(kwargs.pop("selected_adapters", None) or self.peft_config)
     offset = [n for n in names if offset_layers(lora_layers(self, n)[0])]
-    sharded = any(t.sharded for t in lora_layers(self)[0])
+    state_dict = kwargs.pop("state_dict", None)  # the Trainer's, gathered under ZeRO-3
+    targets = lora_layers(self)[0]
+    # a collective on every rank: FSDP2, or ZeRO-3 unless the gathered state dict is given
+    sharded = any(t.sharded or (t.zero3 and state_dict is None) for t in targets)
     if sharded and names != [active_adapter(self)]:
         raise GradLoraError(
-            f"an FSDP2-sharded model saves its active adapter only, not {names}: pass "
+            f"a sharded (FSDP2 / ZeRO-3) model saves its active adapter only, not {names}: pass "
             "selected_adapters=[model.active_adapter], or save the others unsharded"
         )
     plain = [n for n in names if n not in offset and not sharded]
@@ -42,12 +45,16 @@ def _save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs:
         folder = Path(save_directory) if name == "default" else Path(save_directory) / name
         (folder / SIDECAR).unlink(missing_ok=True)  # a stale one would make it read as converted
     if plain:
-        type(self).save_pretrained(self, save_directory, *args, selected_adapters=plain, **kwargs)
+        type(self).save_pretrained(
+            self, save_directory, *args, selected_adapters=plain, state_dict=state_dict, **kwargs
+        )
     main = kwargs.get("is_main_process")
     for name in names if sharded else offset:  # FSDP2: a collective on every rank
         folder = Path(save_directory) if name == "default" else Path(save_directory) / name
         if sharded or main is not False:
-            save_adapter(self, folder, is_main_process=main, adapter_name=name)
+            save_adapter(
+                self, folder, is_main_process=main, adapter_name=name, state_dict=state_dict
+            )
 
 
 def _load_adapter(self: PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any):

@@ -7,10 +7,9 @@ the LoRA branches bypassed, and hands each layer's signal to a per-layer ``Accum
 one seam where estimators and a cross-rank reduction plug in. For y = x Wᵀ, dL/dW = Σ_t δ_tᵀ
 x_t over tokens t (δ = dL/dy). ``ExactAccumulator`` sums dL/dW from a post-accumulate-grad
 hook on a float base weight (freeing ``.grad`` at once: one weight gradient live at a time);
-``HookedExactAccumulator`` builds the same sum as Σ δᵀ x from module hooks, with no weight
-gradient, for quantized layers (G at the dequantized weights they compute with) and
-FSDP2-sharded ones (inputs and output gradients are whole on every rank). The third,
-``sketch.SketchAccumulator``, never forms G.
+``HookedExactAccumulator`` sums Σ δᵀ x from module hooks (no weight gradient) for quantized
+layers (G at their dequantized weights) and FSDP2 / ZeRO-3 partitioned ones (x and δ are whole
+on every rank). The third, ``sketch.SketchAccumulator``, never forms G.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import GradLoraError
 from ..flags import ModuleFlags
+from ..parallel.zero import release_leftovers
 from ..peft_view import LoraTarget, check_gradient_flows
 from ..precision import math_dtype
 
@@ -150,9 +150,8 @@ class HookedExactAccumulator(ActivationHooks):
 
 def exact_accumulator(target: LoraTarget) -> Accumulator:
     """The exact accumulator for ``target``: from the weight gradient for float weights, from
-    module hooks for quantized ones and for FSDP2-sharded ones (whose
-    weight gradient would be reduce-scattered into shards; activations are not sharded)."""
-    if target.quantized or target.sharded:
+    module hooks for quantized and partitioned ones (module doc)."""
+    if target.quantized or target.partitioned:
         return HookedExactAccumulator(target)
     return ExactAccumulator(target)
 
@@ -333,6 +332,7 @@ def capture(
                             "no gradient reached them; check loss_fn and target_modules"
                         )
                     loss.backward()
+                    release_leftovers(t.A for t in targets if t.zero3)
                 except Exception as e:
                     if not isinstance(e, GradLoraError):
                         e.add_note(

@@ -226,9 +226,10 @@ def _prepare(model, method, options, gradient, offset, layers, dist, sketch) -> 
             )
         model = unwrap(model)
         targets, skipped = supported_layers(model, skip_unsupported)
-        if not sync and world > 1 and any(t.sharded for t in targets):
+        if not sync and world > 1 and any(t.partitioned for t in targets):
+            how = "FSDP2" if any(t.sharded for t in targets) else "DeepSpeed ZeRO-3"
             raise GradLoraError(
-                f"the model is sharded with FSDP2 across {world} ranks, so its init is a "
+                f"the model is sharded with {how} across {world} ranks, so its init is a "
                 "collective (every rank holds a slice of each factor): call initialize on every "
                 "rank with distributed=None (the default) or True, not distributed=False"
             )

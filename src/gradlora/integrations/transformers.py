@@ -26,19 +26,21 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import TrainerCallback
-from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..adapter.format import SIDECAR
+from ..adapter.io import load_converted_into
 from ..adapter.portable_save import install_portable_save
 from ..errors import GradLoraError
 from ..init.capture import LossFn
 from ..init.formulas import make_method
 from ..init.initialize import InitReport, initialize
-from ..parallel.sharding import ZERO3_FIX, is_zero3_partitioned
+from ..optim.transform import PairTransform, attach_pair_transform, refuse_pair_optimizer_inside
 from ..peft_view import lora_layers, offset_layers, peft_model_of
 
 logger = logging.getLogger(__name__)
@@ -64,8 +66,14 @@ class GradLoraCallback(TrainerCallback):
     the mean over all ranks' batches, and A, B and the offset base weights end bit-identical on
     every rank; ``num_batches`` is per rank. Checkpoints and ``trainer.save_model()`` are
     written by the main process only; ``resume_from_checkpoint`` loads the converted adapter and
-    re-applies the offset on every rank. DeepSpeed ZeRO-3 (partitioned weights) is refused with
-    a GradLoraError: shard with FSDP2 instead.
+    re-applies the offset on every rank. FSDP2 and DeepSpeed ZeRO-1/2/3 work alike (the init
+    gathers what it needs; docs/distributed.md).
+
+    ``transform="lora-pro"`` (LoRA-Pro, efficient mode) or ``"preconditioned"`` (LoRA-One's
+    preconditioner; ``transform_damping`` its λ) adjusts each LoRA pair's gradients before every
+    step of the Trainer's own AdamW (``gradlora.attach_pair_transform``): the way to use either
+    under DeepSpeed, whose optimizer steps flattened partitions; a gradlora pair optimizer given
+    to DeepSpeed as its client optimizer is refused.
 
     After the init, ``callback.report`` holds the ``InitReport`` (on every rank) and a one-line
     summary is logged at WARNING by the main process (logger
@@ -84,12 +92,16 @@ class GradLoraCallback(TrainerCallback):
         loss_fn: LossFn | None = None,
         progress: bool | None = None,
         skip_unsupported: bool = False,
+        transform: str | None = None,
+        transform_damping: float | None = None,
         **options: Any,
     ):
         self.spec = make_method(method, **options)  # fail at construction on a bad method/option
         self.method, self.num_batches, self.loss_fn = method, num_batches, loss_fn
         self.skip_unsupported = skip_unsupported
         self.progress, self.options = progress, options
+        self.transform_spec = (transform, transform_damping)
+        self.transform: PairTransform | None = None  # attached in on_train_begin
         self.report: InitReport | None = None
         self.resumed_at: int | None = None  # global step a resumed run started from
 
@@ -99,27 +111,35 @@ class GradLoraCallback(TrainerCallback):
             install_portable_save(model)
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        """Trainer built: refuse ZeRO-3, install the save/load hooks before a resume loads a
-        checkpoint."""
-        refuse_zero3(args, model)
+        """Trainer built: install the save/load hooks before a resume loads a checkpoint."""
         if model is not None:
             self._install(peft_model_of(model, "GradLoraCallback"))
 
+    def _attach(self, peft_model, optimizer) -> None:
+        """Refuse a pair optimizer inside DeepSpeed; attach the pair transform (once)."""
+        if optimizer is not None:
+            refuse_pair_optimizer_inside(optimizer)
+        name, damping = self.transform_spec
+        if name is None or self.transform is not None:
+            return
+        if optimizer is None:
+            raise GradLoraError("GradLoraCallback(transform=...) found no optimizer in the Trainer")
+        self.transform = attach_pair_transform(
+            optimizer, name, model=peft_model, damping=damping,
+            skip_unsupported=self.skip_unsupported,
+        )  # fmt: skip
+
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        """Run the init on this rank's train batches (fresh run), or check a resumed model."""
-        refuse_zero3(args, model)
+        """Run the init on this rank's train batches (fresh run), or check a resumed model;
+        attach the pair transform to the Trainer's optimizer."""
         peft_model = peft_model_of(model, "GradLoraCallback")
         self._install(peft_model)
+        self._attach(peft_model, kwargs.get("optimizer"))
         main = state.is_world_process_zero
         if state.global_step > 0:
             self.resumed_at = state.global_step
             if self.spec.offsets_base and not offset_layers(lora_layers(peft_model)[0]):
-                raise GradLoraError(
-                    f"resumed at step {state.global_step} with {self.method}, but the checkpoint's "
-                    "adapter is not gradlora's converted LoRA-GA form, so the base weights were not "
-                    "offset and training on would be wrong; resume from a checkpoint saved with "
-                    "GradLoraCallback attached, on a fresh PeftModel of the original base model"
-                )
+                self._restore_offset(peft_model, args, state.global_step)
             if main:
                 logger.info("gradlora: resumed at step %d, not re-initializing", state.global_step)
             return
@@ -146,6 +166,21 @@ class GradLoraCallback(TrainerCallback):
             )
         if main:  # WARNING: the level transformers users see by default (its own INFO is hidden)
             logger.warning("gradlora: %s", self.report.summary())
+
+    def _restore_offset(self, peft_model, args, step: int) -> None:
+        """A resume whose loader skipped peft's load_adapter (DeepSpeed restores A and B from its
+        own checkpoint, and leaves out the init factors): the offset from the portable adapter
+        the same checkpoint holds (``save_model`` wrote it), on every rank."""
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if not (folder / SIDECAR).is_file():
+            raise GradLoraError(
+                f"resumed at step {step} with {self.method}, but the checkpoint's adapter is not "
+                f"gradlora's converted LoRA-GA form ({folder / SIDECAR} is missing), so the base "
+                "weights were not offset and training on would be wrong; resume from a "
+                "checkpoint saved with GradLoraCallback attached, on a fresh PeftModel of the "
+                "original base model"
+            )
+        load_converted_into(peft_model, folder, factors_only=True)
 
 
 @contextlib.contextmanager
@@ -175,21 +210,3 @@ def own_batches(loader: Iterable[Any], world_size: int = 1) -> Iterator[Iterable
     finally:
         if saved is not None:
             generator.set_state(saved)
-
-
-def refuse_zero3(args: Any, model: Any = None) -> None:
-    """A GradLoraError if the Trainer runs DeepSpeed ZeRO-3 (its arguments, accelerate's
-    DeepSpeed plugin, or parameters that ZeRO-3 partitioned)."""
-    plugin = getattr(args, "deepspeed_plugin", None)
-    hf_config = getattr(args, "hf_deepspeed_config", None)
-    zero3 = (
-        getattr(plugin, "zero_stage", None) == 3
-        or (hf_config is not None and bool(hf_config.is_zero3()))
-        or is_deepspeed_zero3_enabled()
-    )
-    params = model.parameters() if isinstance(model, nn.Module) else ()
-    if zero3 or any(is_zero3_partitioned(p) for p in params):
-        raise GradLoraError(
-            "GradLoraCallback does not support DeepSpeed ZeRO-3, which partitions the model's "
-            f"weights across ranks: {ZERO3_FIX}"
-        )

@@ -44,6 +44,13 @@ class PairSettings:
         return cls(**settings)
 
 
+DEEPSPEED_CLIENT_ERROR = (
+    "{name} is DeepSpeed's client optimizer: DeepSpeed steps it on flattened partitions, so it "
+    "cannot pair each LoRA A with its B and would silently be plain AdamW. Give DeepSpeed a "
+    "plain AdamW (torch.optim.AdamW, or the config's optimizer) and add the pair step in front "
+    "of it: gradlora.attach_pair_transform(engine, 'lora-pro' | 'preconditioned'), or "
+    "GradLoraCallback(..., transform='lora-pro') with the Trainer"
+)
 _HYPER = ("lr", *(f.name for f in fields(PairSettings) if f.name != "damping"))
 
 
@@ -66,6 +73,7 @@ class PairAdamW(Optimizer):
         for group in self.param_groups:
             if group["lora_pairs"]:
                 self._check_pair_group(group)
+        self._paired = {id(p) for g in self.param_groups if g["lora_pairs"] for p in g["params"]}
 
     def _check_pair_group(self, group: dict[str, Any]) -> None:
         check_pair_group(group["params"], self.factory)
@@ -89,6 +97,9 @@ class PairAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if group["lora_pairs"] and any(id(p) not in self._paired for p in group["params"]):
+                # DeepSpeed replaced the groups' parameters by its flattened partitions
+                raise GradLoraError(DEEPSPEED_CLIENT_ERROR.format(name=type(self).__name__))
             if group["lora_pairs"]:
                 self._step_pairs(group)
             else:

@@ -5,7 +5,8 @@ gradients, which are small: ``PairView`` gathers them once per step (FSDP2's DTe
 all-gather each, in the same order on every rank; plain tensors pass through) and hands each
 rank its own part of a whole result, so the kernels never see a DTensor. LoRA-Pro's full mode
 keeps (m, n) moments for this rank's rows of B only: ``rows``, ``sum_rows`` and ``gather_rows``
-serve it.
+serve it. ``whole_grad``, ``set_whole_grad_`` and ``master_value`` serve the pair transforms
+(``optim/transform.py``) in front of another optimizer, DeepSpeed ZeRO's included.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import zero
 from .sharding import full, gather_rows, local, local_part, local_rows, require_row_layout
 from .sharding import sum_over_shards as _sum_over_shards
 
@@ -70,3 +72,27 @@ class PairView:
             if weight_decay:
                 p_local.mul_(1 - lr * weight_decay)
             p_local.add_(u.to(p.dtype), alpha=-lr)
+
+
+def whole_grad(p: Tensor) -> Tensor | None:
+    """p's whole gradient, wherever it lives: a DeepSpeed ZeRO optimizer's partitions (between
+    backward and its step), FSDP2's DTensor shards, or ``p.grad`` (each gather a collective,
+    in the same order on every rank); None when there is none."""
+    if zero.is_zero3(p) or hasattr(p, "_hp_mapping"):
+        return zero.whole_grad(p)
+    return None if p.grad is None else full(p.grad)
+
+
+def set_whole_grad_(p: Tensor, value: Tensor) -> None:
+    """Replace p's gradient by the whole ``value`` on this rank's part (no communication:
+    every rank passes the same value)."""
+    if zero.is_zero3(p) or hasattr(p, "_hp_mapping"):
+        zero.set_whole_grad_(p, value)
+    else:
+        local(p.grad).copy_(local_part(value.to(p.grad.dtype), p.grad))
+
+
+def master_value(p: Tensor) -> Tensor:
+    """p's whole value in the precision its optimizer steps it in: a DeepSpeed ZeRO
+    optimizer's fp32 master copy (gathered), else the parameter itself (gathered if sharded)."""
+    return zero.master_value(p) if zero.has_master_copy(p) else full(p)

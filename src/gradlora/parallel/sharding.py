@@ -1,6 +1,6 @@
 """Whole tensors and local shards of FSDP2's DTensor parameters (``torch.distributed.fsdp.
 fully_shard``): the few conversions gradlora's init and optimizers need, as functions on tensors;
-and telling a parameter DeepSpeed ZeRO-3 partitioned.
+and how a layer's parameters are split (FSDP2, DeepSpeed ZeRO-3: ``parallel/zero.py``).
 
 gradlora's math runs on whole tensors: LoRA factors and their gradients are small (r x n,
 m x r), so they are gathered with ``full`` (an all-gather), the result is computed on every
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import GradLoraError
+from .zero import is_zero3, read_whole, write_whole_
 
 try:
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -29,37 +30,28 @@ def is_sharded(t: Tensor | None) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
-ZERO3_FIX = (
-    "it reads and rewrites each LoRA layer's whole base weight on every rank. Shard with FSDP2 "
-    "instead (TrainingArguments(fsdp=True), whose default is FSDP2, fsdp_config={'version': 2}; "
-    "accelerate config: fsdp_version: 2), or train data-parallel without sharding (DDP: "
-    "torchrun or accelerate launch without DeepSpeed)"
-)
-
-
-def is_zero3_partitioned(param: Tensor) -> bool:
-    """Whether DeepSpeed ZeRO-3 partitioned this parameter: it then carries ``ds_id`` and
-    ``ds_status`` and holds this rank's shard only (an empty tensor outside a gather)."""
-    return hasattr(param, "ds_id") or hasattr(param, "ds_status")
-
-
 def partitioning(params: Iterable[Tensor]) -> str | None:
     """How a layer's parameters are split across ranks: "zero3" if DeepSpeed ZeRO-3 partitioned
     any of them, "fsdp2" if any is a DTensor (``fully_shard``), None if every one is whole."""
     params = list(params)
-    if any(is_zero3_partitioned(p) for p in params):
+    if any(is_zero3(p) for p in params):
         return "zero3"
     return "fsdp2" if any(is_sharded(p) for p in params) else None
 
 
 def is_whole(t: Tensor) -> bool:
-    """Whether every rank holds all of ``t``: a plain tensor or a replicated DTensor."""
+    """Whether every rank holds all of ``t``: a plain tensor or a replicated DTensor (not a
+    ZeRO-3 parameter)."""
+    if is_zero3(t):
+        return False
     return not is_sharded(t) or all(isinstance(p, Replicate) for p in t.placements)
 
 
 def full(t: Tensor) -> Tensor:
-    """The whole tensor: ``t.full_tensor()`` for a DTensor (a collective: every rank of its mesh
-    calls it, in the same order), ``t`` itself otherwise."""
+    """The whole tensor: ``t.full_tensor()`` for a DTensor, a gathered copy of a ZeRO-3
+    parameter (each a collective: every rank calls it, in the same order), ``t`` otherwise."""
+    if is_zero3(t):
+        return read_whole(t)
     return t.full_tensor() if is_sharded(t) else t
 
 
@@ -83,6 +75,17 @@ def local_part(whole: Tensor, like: Tensor) -> Tensor:
     return distribute_tensor(
         whole, like.device_mesh, like.placements, src_data_rank=None
     ).to_local()
+
+
+def assign_whole_(p: Tensor, value: Tensor) -> None:
+    """p <- ``value`` (p's whole shape) on this rank's part: a DTensor's slice, a DeepSpeed ZeRO
+    parameter's slice and master copy (``zero.write_whole_``), or p itself; no communication
+    (every rank passes the same value)."""
+    with torch.no_grad():
+        if is_zero3(p) or hasattr(p, "_hp_mapping"):
+            write_whole_(p, value)
+        else:
+            local(p).copy_(local_part(value.to(local(p).dtype), p))
 
 
 def local_rows(like: Tensor) -> Tensor | None:
