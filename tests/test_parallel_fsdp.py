@@ -141,3 +141,22 @@ def test_sharding_helpers_pass_plain_tensors_through():
     assert sharding.local_part(x, x) is x and sharding.local_rows(x) is None
     assert sharding.sum_over_shards(x, x) is x and sharding.gather_rows(x, x) is x
     sharding.require_row_layout(x)
+
+
+@pytest.fixture(scope="module")
+def trainer_fsdp(tmp_path_factory):
+    """Run _trainer_fsdp_worker.py on 2 ranks once; {rank: results}."""
+    return torchrun("_trainer_fsdp_worker.py", tmp_path_factory.mktemp("trainer_fsdp"), timeout=240)
+
+
+def test_trainer_under_fsdp2_with_callback_and_transform(trainer_fsdp):
+    """The Trainer really sharding with FSDP2 (DTensor LoRA weights; accelerate's CPU state
+    marked as GPU-like, see the worker): GradLoraCallback's LoRA-GA init over both ranks'
+    batches (offset kept in the adapter), the LoRA-Pro transform before each of the 3 steps, and
+    save_model's portable adapter (written from the Trainer's gathered state dict by rank 0
+    alone: no collective) loading with plain peft to the sharded model's logits."""
+    for r in (0, 1):
+        res = trainer_fsdp[r]
+        assert res["sharded"] and res["ranks"] == 2 and res["num_batches"] == 4
+        assert res["offset"] == "adapter" and res["applied"] == ["lora-pro"] * 3
+        assert res["moved"] > 1e-3 and res["plain_peft"] < 1e-5

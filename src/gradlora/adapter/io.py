@@ -83,9 +83,9 @@ def save_adapter(
     Returns the folder. On an FSDP2-sharded model this is a collective: every rank calls it,
     the weights are gathered, the rank with ``is_main_process`` (None: rank 0) writes, and all
     return after it (``collective_save``); on one process ``is_main_process`` is ignored. So is
-    it under DeepSpeed ZeRO-3, unless ``state_dict`` is given: the model's whole state dict,
-    already gathered (the Trainer's ``save_model`` passes it on the writing rank only), from
-    which the adapter is written with no communication.
+    it under DeepSpeed ZeRO-3. Given ``state_dict``, the model's whole state dict gathered
+    already (the Trainer's ``save_model`` passes it on the writing rank only), the adapter is
+    written from it with no communication.
     """
     model = unwrap(model)
     if not isinstance(model, PeftModel):
@@ -109,7 +109,8 @@ def save_adapter(
         state = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=adapter)
         state = {k: v.detach().clone() if zero3 else v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.endswith("." + WEIGHT0)}  # folded in below
-    sharded = any_sharded(state) or any(t.sharded for t in targets) or zero3
+    given = state_dict is not None  # gathered already (on the writing rank only): no collective
+    sharded = not given and (any_sharded(state) or any(t.partitioned for t in targets))
     state = whole(state)  # FSDP2: an all-gather per tensor, on every rank
     config = model.peft_config[adapter]
     if converted:
@@ -132,7 +133,7 @@ def save_adapter(
             t.name: t.original_signature() or weight_signature(t.weight_mn(), t.name)
             for t in targets
             # a partitioned W given with state_dict (one rank) cannot be gathered: not checked
-            if t.original_signature() or not (t.zero3 and state_dict is not None)
+            if t.original_signature() or not (t.partitioned and given)
         },
     }
 

@@ -29,10 +29,9 @@ def _save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs:
     in a subfolder of its name), each offset adapter in the portable rank-2r form."""
     names = list(kwargs.pop("selected_adapters", None) or self.peft_config)
     offset = [n for n in names if offset_layers(lora_layers(self, n)[0])]
-    state_dict = kwargs.pop("state_dict", None)  # the Trainer's, gathered under ZeRO-3
-    targets = lora_layers(self)[0]
-    # a collective on every rank: FSDP2, or ZeRO-3 unless the gathered state dict is given
-    sharded = any(t.sharded or (t.zero3 and state_dict is None) for t in targets)
+    state_dict = kwargs.pop("state_dict", None)  # the Trainer's, gathered (FSDP2, ZeRO-3)
+    # a collective on every rank when sharded, unless the gathered state dict is given
+    sharded = state_dict is None and any(t.partitioned for t in lora_layers(self)[0])
     if sharded and names != [active_adapter(self)]:
         raise GradLoraError(
             f"a sharded (FSDP2 / ZeRO-3) model saves its active adapter only, not {names}: pass "
