@@ -136,7 +136,7 @@ def check_steps(result: dict, batches, rank: int) -> None:
         ),
     }
     for name, make in makers.items():
-        for stage in (2, 3):
+        for stage in (1, 2, 3):
             for clip in (0.0, 0.05):
                 key = f"{name}/zero{stage}" + ("/clip" if clip else "")
                 ref = peft_model(nonzero_b=True)

@@ -44,7 +44,7 @@ def test_zero3_init_equals_one_process_over_the_union(ranks, case):
 
 
 @pytest.mark.parametrize("name", ["lora-pro", "preconditioned"])
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("clip", [False, True])
 def test_pair_transform_under_zero_equals_gradlora_optimizer(ranks, name, stage, clip):
     """Two steps on half-batches per rank, the transform in front of DeepSpeed's (torch AdamW)
