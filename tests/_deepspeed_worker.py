@@ -192,6 +192,33 @@ def check_offload(result: dict, batches, mine, rank: int) -> None:
     result["offload/steps"] = max(rel(got[n][k], want[n][k]) for n in want for k in "AB")
 
 
+def check_bf16(result: dict, batches, mine, rank: int, out: Path) -> None:
+    """ZeRO-3 with DeepSpeed's bf16 (bf16 weights, fp32 master copies): the LoRA-GA init leaves
+    the logits bit for bit as they were, two LoRA-Pro transform steps move them, and the saved
+    adapter loads with plain peft on the bf16 original base to the sharded model's logits."""
+    cfg = config(3)
+    cfg["bf16"] = {"enabled": True}
+    model = peft_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+    result["bf16/dtype"] = str(next(engine.module.parameters()).dtype)
+    before = logits(engine.module, batches[0])
+    gradlora.initialize(engine, mine, num_batches=2, progress=False)
+    result["bf16/unchanged"] = (logits(engine.module, batches[0]) - before).abs().max().item()
+    gradlora.attach_pair_transform(engine, "lora-pro")
+    for step in range(2):
+        half = {k: v[2 * rank : 2 * rank + 2] for k, v in batches[step].items()}
+        engine.backward(engine(**half).loss)
+        engine.step()
+    trained = logits(engine.module, batches[0]).float()
+    result["bf16/moved"] = rel(trained, before.float())
+    path = gradlora.save_adapter(engine.module, out / "bf16")
+    dist.barrier()
+    loaded = PeftModel.from_pretrained(base_model().to(torch.bfloat16), str(path))
+    result["bf16/plain_peft"] = rel(logits(loaded, batches[0]).float(), trained)
+
+
 def check_refusals(result: dict, batches, rank: int) -> None:
     model = peft_model(nonzero_b=True)
     start = copy.deepcopy({k: v.clone() for k, v in model.state_dict().items()})
@@ -237,6 +264,7 @@ def main(out: Path) -> None:
         check_steps(result, batches, rank)
         check_refusals(result, batches, rank)
         check_offload(result, batches, mine, rank)
+        check_bf16(result, batches, mine, rank, out)
     except Exception:
         traceback.print_exc()
         failed = True
