@@ -37,10 +37,10 @@ def args(tmp_path, **kw):
     kw.setdefault("max_steps", 3)
     kw.setdefault("train_sampling_strategy", "sequential")
     kw.setdefault("save_strategy", "no")
+    kw.setdefault("learning_rate", 1e-2)
     return TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
-        learning_rate=1e-2,
         report_to="none",
         use_cpu=True,
         logging_strategy="no",

@@ -60,7 +60,7 @@ GRAPH = {name: {t for t, _, _ in _imports(name, path)} - {name} for name, path i
 
 # The wings, from the top: a module imports from its own wing and the wings below it only.
 # init and optim share a level and never import each other.
-HELPERS = ("errors", "precision", "meter", "atomic", "flags", "_version")
+HELPERS = ("errors", "precision", "meter", "atomic", "flags", "rates", "_version")
 WINGS = [
     ("application", ("cli", "__main__")),
     ("public API", ("",)),  # gradlora/__init__.py

@@ -30,6 +30,7 @@ from ..peft_view import (
     unwrap,
 )
 from ..precision import math_dtype
+from ..rates import INIT_ATTRIBUTE
 from .capture import LossFn, capture, choose_gradient
 from .formulas import LoraGA, LoraOne, check_rank, init_from_gradient, init_from_svd, make_method
 from .sketch import sketch_svds, step_activation_bytes
@@ -176,6 +177,7 @@ def initialize(
     write_factors(targets, factors, offset_base=spec.offsets_base, mode=run.offset or "weight")
     if spec.offsets_base and isinstance(run.model, PeftModel):
         install_portable_save(run.model)  # peft's own save_pretrained (the Trainer's) stays right
+    setattr(run.model, INIT_ATTRIBUTE, (spec.name, asdict(spec)))  # for the rate guard (rates.py)
     if run.sync:
         collectives.synchronize_targets(targets, group)
     return InitReport(

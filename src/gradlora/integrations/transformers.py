@@ -42,6 +42,7 @@ from ..init.formulas import make_method
 from ..init.initialize import InitReport, initialize
 from ..optim.transform import PairTransform, attach_pair_transform, refuse_pair_optimizer_inside
 from ..peft_view import lora_layers, offset_layers, peft_model_of
+from ..rates import warn_if_far
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ class GradLoraCallback(TrainerCallback):
             )
         if main:  # WARNING: the level transformers users see by default (its own INFO is hidden)
             logger.warning("gradlora: %s", self.report.summary())
+            warn_if_far(peft_model, args.learning_rate, "the Trainer")  # rates.py
 
     def _restore_offset(self, peft_model, args, step: int) -> None:
         """A resume whose loader skipped peft's load_adapter (DeepSpeed restores A and B from its

@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from ..errors import GradLoraError
 from ..peft_view import unwrap
+from ..rates import warn_if_far
 from .lora_pro import create_lora_pro_optimizer
 from .preconditioned import create_preconditioned_optimizer
 
@@ -64,7 +65,9 @@ def create_optimizer(model: nn.Module, name: str, lr: float, **kwargs: Any) -> O
     """
     if name not in OPTIMIZERS:
         raise GradLoraError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
-    return OPTIMIZERS[name](unwrap(model), lr, **kwargs)
+    optimizer = OPTIMIZERS[name](unwrap(model), lr, **kwargs)
+    warn_if_far(unwrap(model), lr, f"create_optimizer({name!r})")  # rates.py
+    return optimizer
 
 
 class OptimizerFactory:
