@@ -114,3 +114,20 @@ def test_trainer_callback_transform_equals_the_pair_optimizer(tmp_path):
         assert torch.allclose(B, B_ref, rtol=1e-5, atol=1e-7)
     with pytest.raises(gradlora.GradLoraError, match="twice"):
         run("preconditioned", lambda m: gradlora.create_optimizer(m, "preconditioned", lr=1e-2))
+
+
+def test_a_pair_no_gradient_reached_is_left_alone():
+    """Like LoraProAdamW: a pair whose A and B got no gradient keeps none (the AdamW behind skips
+    it), the others are transformed."""
+    model = nonzero_b(tiny_peft("llama", r=3)[0])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    transform = gradlora.attach_pair_transform(opt, "lora-pro", model=model)
+    model(**make_batches("llama", n=1)[0]).loss.backward()
+    first = transform.pairs[0]
+    first.A.grad, first.B.grad = None, None
+    before = [p.B.grad.clone() for p in transform.pairs[1:]]
+    opt.step()
+    assert first.A.grad is None and first.B.grad is None
+    assert all(
+        not torch.equal(p.B.grad, b) for p, b in zip(transform.pairs[1:], before, strict=True)
+    )

@@ -76,7 +76,8 @@ class PairTransform:
             coef = min(1.0, max_norm / (norm + 1e-6))
         by_rank: dict[int, list[int]] = {}
         for i, a in enumerate(A):
-            by_rank.setdefault(a.shape[0], []).append(i)
+            if g_A[i] is not None or g_B[i] is not None:  # a pair no gradient reached: left alone
+                by_rank.setdefault(a.shape[0], []).append(i)
         for idx in by_rank.values():
             ga = [_zeros_if_none(g_A[i], A[i]) for i in idx]
             gb = [_zeros_if_none(g_B[i], B[i]) for i in idx]

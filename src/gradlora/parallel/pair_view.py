@@ -88,8 +88,10 @@ def set_whole_grad_(p: Tensor, value: Tensor) -> None:
     every rank passes the same value)."""
     if zero.is_zero3(p) or hasattr(p, "_hp_mapping"):
         zero.set_whole_grad_(p, value)
-    else:
-        local(p.grad).copy_(local_part(value.to(p.grad.dtype), p.grad))
+        return
+    if p.grad is None:  # e.g. B reached by backward, A not: it gets its adjusted gradient too
+        p.grad = torch.zeros_like(p)
+    local(p.grad).copy_(local_part(value.to(p.grad.dtype), p.grad))
 
 
 def master_value(p: Tensor) -> Tensor:
