@@ -12,6 +12,7 @@ preconditioner. Each rank writes OUT/rank{r}.pt.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import traceback
@@ -156,6 +157,38 @@ def sft_zero2(out: Path, result: dict) -> None:
     result["sft/ranks"] = callback.report.ranks
 
 
+def accelerate_config_zero3(out: Path, result: dict) -> None:
+    """ZeRO-3 from an accelerate DeepSpeed config (``ACCELERATE_DEEPSPEED_CONFIG_FILE``, what
+    ``accelerate launch --config_file`` sets) instead of ``TrainingArguments(deepspeed=...)``:
+    the init, the transform and the saved adapter."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "ds_config.json"
+    if dist.get_rank() == 0:
+        config.write_text(json.dumps(ds_config(3)))
+    dist.barrier()
+    os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(config)
+    fresh_accelerator_state()
+    APPLIED.clear()
+    callback = gradlora.GradLoraCallback(
+        "lora-ga", num_batches=2, progress=False, transform="preconditioned"
+    )
+    kw = arguments(out, 3) | {"max_steps": 2}
+    kw.pop("deepspeed")
+    model, _ = tiny_peft("llama", r=2)
+    trainer = Trainer(
+        model=model, args=TrainingArguments(**kw), train_dataset=rows(8), callbacks=[callback]
+    )
+    trainer.train()
+    result["accelerate/deepspeed"] = type(trainer.model_wrapped).__name__
+    result["accelerate/partitioned"] = all(hasattr(p, "ds_id") for p in trainer.model.parameters())
+    result["accelerate/applied"] = list(APPLIED)
+    final = logits(trainer.model)
+    trainer.save_model(str(out / "final"))
+    dist.barrier()
+    loaded = PeftModel.from_pretrained(tiny_base("llama"), str(out / "final"))
+    result["accelerate/plain_peft"] = rel(logits(loaded), final)
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     PartialState(backend="gloo")
@@ -165,6 +198,7 @@ def main(out: Path) -> None:
     try:
         trainer_zero3(out / "zero3", result)
         sft_zero2(out / "sft", result)
+        accelerate_config_zero3(out / "accelerate", result)
     except Exception:
         traceback.print_exc()
         failed = True

@@ -125,3 +125,14 @@ def test_sft_trainer_zero2_lora_one_with_preconditioner(trained):
         res = trained[r]
         assert res["sft/ranks"] == 2 and res["sft/applied"] == ["preconditioned"] * 4
         assert res["sft/moved"] > 0.01 and res["sft/plain_peft"] < TOL
+
+
+def test_trainer_with_an_accelerate_deepspeed_config_file(trained):
+    """ZeRO-3 from an accelerate DeepSpeed config file (ACCELERATE_DEEPSPEED_CONFIG_FILE, as
+    ``accelerate launch --config_file`` sets it) rather than TrainingArguments(deepspeed=...):
+    partitioned weights, the preconditioner before both steps, a loadable adapter."""
+    for r in (0, 1):
+        res = trained[r]
+        assert res["accelerate/deepspeed"] == "DeepSpeedEngine" and res["accelerate/partitioned"]
+        assert res["accelerate/applied"] == ["preconditioned"] * 2
+        assert res["accelerate/plain_peft"] < TOL
