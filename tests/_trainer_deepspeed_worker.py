@@ -92,37 +92,43 @@ def fresh_accelerator_state() -> None:
     AcceleratorState._reset_state(reset_partial_state=False)
 
 
-def trainer_zero3(out: Path, result: dict) -> None:
+def trainer_lora_ga(out: Path, result: dict, stage: int = 3) -> None:
+    """LoRA-GA under ZeRO-``stage`` (result keys "zero<stage>/..."): 4 steps with checkpoints,
+    the final adapter, a run resumed from checkpoint-2. ZeRO-3 keeps the offset in the adapter
+    and runs the LoRA-Pro transform; ZeRO-2 (weights whole, fp32) rewrites the base weight
+    (offset "weight"), which a resume must offset again from the checkpoint's factors."""
+    key = f"zero{stage}"
+
     def run(resume: bool):
         fresh_accelerator_state()
         callback = gradlora.GradLoraCallback(
-            "lora-ga", num_batches=2, progress=False, transform="lora-pro"
+            "lora-ga", num_batches=2, progress=False, transform="lora-pro" if stage == 3 else None
         )
         model, _ = tiny_peft("llama", r=2)
         trainer = Trainer(
             model=model,
-            args=TrainingArguments(**arguments(out, 3)),
+            args=TrainingArguments(**arguments(out, stage)),
             train_dataset=rows(8),
             callbacks=[callback],
         )
         trainer.train(resume_from_checkpoint=str(out / "checkpoint-2") if resume else None)
         return trainer, callback
 
+    APPLIED.clear()
     first, callback = run(resume=False)
-    result["zero3/applied"] = list(APPLIED)
-    result["zero3/ranks"] = callback.report.ranks
-    result["zero3/offset"] = callback.report.offset
-    result["zero3/transform"] = callback.transform.method
+    result[f"{key}/applied"] = list(APPLIED)
+    result[f"{key}/ranks"] = callback.report.ranks
+    result[f"{key}/offset"] = callback.report.offset
     final = logits(first.model)
     first.save_model(str(out / "final"))
     dist.barrier()  # rank 0 writes; the others read once it is done
-    result["zero3/moved"] = rel(final, logits(tiny_peft("llama", r=2)[0]))
+    result[f"{key}/moved"] = rel(final, logits(tiny_peft("llama", r=2)[0]))
     loaded = PeftModel.from_pretrained(tiny_base("llama"), str(out / "final"))
-    result["zero3/plain_peft"] = rel(logits(loaded), final)
-    result["zero3/files"] = sorted(p.name for p in (out / "final").iterdir())
+    result[f"{key}/plain_peft"] = rel(logits(loaded), final)
+    result[f"{key}/files"] = sorted(p.name for p in (out / "final").iterdir())
     resumed, callback = run(resume=True)
-    result["zero3/resumed_at"] = callback.resumed_at
-    result["zero3/resume"] = rel(logits(resumed.model), final)
+    result[f"{key}/resumed_at"] = callback.resumed_at
+    result[f"{key}/resume"] = rel(logits(resumed.model), final)
 
 
 def sft_zero2(out: Path, result: dict) -> None:
@@ -196,7 +202,8 @@ def main(out: Path) -> None:
     result: dict = {}
     failed = False
     try:
-        trainer_zero3(out / "zero3", result)
+        trainer_lora_ga(out / "zero3", result, stage=3)
+        trainer_lora_ga(out / "zero2", result, stage=2)
         sft_zero2(out / "sft", result)
         accelerate_config_zero3(out / "accelerate", result)
     except Exception:

@@ -118,6 +118,18 @@ def test_trainer_zero3_callback_inits_transforms_saves_and_resumes(trained):
     assert "gradlora_factors.safetensors" in trained[0]["zero3/files"]
 
 
+def test_trainer_zero2_lora_ga_weight_offset_resumes(trained):
+    """ZeRO-2 keeps the fp32 base weights whole: LoRA-GA rewrites them (offset "weight"). The
+    saved adapter loads with plain peft on the original base, and a resume (DeepSpeed's
+    checkpoint leaves out the frozen weights; the callback offsets them again from the
+    checkpoint's factors) ends where the uninterrupted run did."""
+    for r in (0, 1):
+        res = trained[r]
+        assert res["zero2/ranks"] == 2 and res["zero2/offset"] == "weight"
+        assert res["zero2/moved"] > 0.01 and res["zero2/plain_peft"] < TOL
+        assert res["zero2/resumed_at"] == 2 and res["zero2/resume"] < TOL
+
+
 def test_sft_trainer_zero2_lora_one_with_preconditioner(trained):
     """TRL's SFTTrainer (it builds the PeftModel) under ZeRO-2: LoRA-One's init, its
     preconditioner before each DeepSpeed step, and a saved adapter plain peft loads."""
