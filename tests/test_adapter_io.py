@@ -145,3 +145,30 @@ def test_save_errors(tmp_path):
     assert sidecar["converted"] is False
     assert LoraConfig.from_pretrained(str(tmp_path)).r == 4
     assert not any(p.name.startswith(".gradlora-tmp") for p in tmp_path.iterdir())
+
+
+def test_factors_only_load_refuses_a_folder_of_another_run(tmp_path):
+    """A DeepSpeed resume restores A, B itself and takes only the offset from the checkpoint's
+    portable adapter (``factors_only``). A folder holding other trained weights (a stale
+    checkpoint of the same step) would give a foreign offset silently: refused, model untouched;
+    the folder of this run loads."""
+    from gradlora.adapter.io import load_converted_into
+    from gradlora.peft_view import offset_layers, supported_layers
+
+    batches = make_batches("llama", n=2)
+    saved, _ = tiny_peft("llama", r=2)
+    gradlora.initialize(saved, batches, progress=False)
+    gradlora.save_adapter(saved, tmp_path / "adapter")
+    stranger, _ = tiny_peft("llama", r=2)  # peft's init: not the saved A, B
+    with pytest.raises(gradlora.GradLoraError, match="another run"):
+        load_converted_into(stranger, tmp_path / "adapter", factors_only=True)
+    assert not offset_layers(supported_layers(stranger)[0])
+    resumed, _ = tiny_peft("llama", r=2)  # what DeepSpeed restores: the trained A, B
+    with torch.no_grad():
+        for t, s in zip(supported_layers(resumed)[0], supported_layers(saved)[0], strict=True):
+            t.A.copy_(s.A)
+            t.B.copy_(s.B)
+    load_converted_into(resumed, tmp_path / "adapter", factors_only=True)
+    assert offset_layers(supported_layers(resumed)[0])
+    batch = {k: v for k, v in batches[0].items() if k != "labels"}
+    torch.testing.assert_close(resumed(**batch).logits, saved(**batch).logits)

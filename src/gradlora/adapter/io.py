@@ -34,6 +34,7 @@ from ..atomic import write_files
 from ..errors import GradLoraError
 from ..flags import ModuleFlags
 from ..parallel.collective_save import any_sharded, whole, write_once
+from ..parallel.sharding import full
 from ..parallel.zero import gathered
 from ..peft_view import (
     WEIGHT0,
@@ -49,6 +50,7 @@ from .format import (
     SIDECAR,
     WEIGHTS,
     alpha_factor,
+    keys_in,
     read_sidecar,
     read_weights,
     relative_difference,
@@ -261,7 +263,9 @@ def load_converted_into(
             )
     if check_base:
         _check_base_of(model, sidecar, path)  # before anything is written
-    if not factors_only:
+    if factors_only:
+        _check_holds_trained_factors(targets, state, path)
+    else:
         with torch.no_grad():
             adapter = active_adapter(unwrap(model))
             result = set_peft_model_state_dict(model, state, adapter_name=adapter)
@@ -271,6 +275,21 @@ def load_converted_into(
     if all(s is None for s in stored):
         mode = _load_offset_mode(offset, targets, sidecar.get("offset"))
         write_factors(targets, factors, offset_base=True, mode=mode, set_adapter_weights=False)
+
+
+def _check_holds_trained_factors(targets: list[LoraTarget], state: Mapping, path: Path) -> None:
+    """``factors_only``: refuse a folder whose A, B are not the model's own (relative Frobenius
+    difference above 1e-3): its offset would belong to another run, e.g. a stale checkpoint of
+    the same step number. A, B of a ZeRO-3 or FSDP2 model are gathered (a collective)."""
+    for t in targets:
+        for key, param in zip(keys_in(state, t, path), (t.A, t.B), strict=True):
+            saved, current = state[key].float().cpu(), full(param).detach().float().cpu()
+            if (saved - current).norm() > 1e-3 * max(saved.norm(), current.norm()):
+                raise GradLoraError(
+                    f"the adapter at {path} does not hold this model's trained weights (layer "
+                    f"{t.name!r} differs), so its offset belongs to another run; resume from the "
+                    "checkpoint folder this run wrote, and keep it under the output_dir"
+                )
 
 
 def _load_offset_mode(offset: str, targets: list[LoraTarget], recorded: str | None) -> str:
