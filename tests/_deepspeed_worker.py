@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import copy
 import sys
-import traceback
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
-from _fsdp_worker import logits, rel
-from conftest import VOCAB, make_batches
+from _fsdp_worker import logits, rel, run_rank
+from conftest import VOCAB
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -250,27 +249,20 @@ def check_refusals(result: dict, batches, rank: int) -> None:
     )
 
 
-def main(out: Path) -> None:
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank = dist.get_rank()
-    torch.set_num_threads(1)
-    batches = make_batches("llama", n=4, batch=4)
-    mine = batches[2 * rank : 2 * rank + 2]
-    result: dict = {}
-    failed = False
-    try:
+def checks(out: Path):
+    """Every check of this worker, for ``_fsdp_worker.run_rank``."""
+
+    def run(result: dict, batches: list, mine: list, rank: int) -> None:
         check_init(result, batches, mine)
         check_save(result, batches, mine, out)
         check_steps(result, batches, rank)
         check_refusals(result, batches, rank)
         check_offload(result, batches, mine, rank)
         check_bf16(result, batches, mine, rank, out)
-    except Exception:
-        traceback.print_exc()
-        failed = True
-    torch.save(result, out / f"rank{rank}.pt")
-    sys.exit(1 if failed else 0)
+
+    return run
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    out = Path(sys.argv[1])
+    run_rank(out, checks(out), join=lambda: deepspeed.init_distributed(dist_backend="gloo"))

@@ -151,11 +151,15 @@ def check_refusals(result: dict, mine) -> None:
     )
 
 
-def run_rank(out: Path, checks: Callable[[dict, list, list, int], None]) -> None:
-    """Join the 2-rank gloo group, run ``checks(result, batches, mine, rank)`` on the 4 shared
-    batches and this rank's 2, save ``result`` to OUT/rank{r}.pt for the test, and exit 1 if a
-    check raised (its traceback printed)."""
-    dist.init_process_group("gloo")
+def run_rank(
+    out: Path,
+    checks: Callable[[dict, list, list, int], None],
+    join: Callable[[], None] = lambda: dist.init_process_group("gloo"),
+) -> None:
+    """Join the 2-rank gloo group (``join``), run ``checks(result, batches, mine, rank)`` on the
+    4 shared batches and this rank's 2, save ``result`` to OUT/rank{r}.pt for the test, and exit
+    1 if a check raised (its traceback printed)."""
+    join()
     rank = dist.get_rank()
     assert dist.get_world_size() == 2
     torch.set_num_threads(1)

@@ -22,6 +22,7 @@ os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from _fsdp_worker import logits, rel  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 from accelerate.state import AcceleratorState  # noqa: E402
 from conftest import lora_config, make_batches, tiny_base, tiny_peft  # noqa: E402
@@ -74,18 +75,6 @@ def arguments(out: Path, stage: int, **kw) -> dict:
     )
 
 
-def logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        out = model(input_ids=EVAL["input_ids"], attention_mask=EVAL["attention_mask"]).logits
-    model.train()
-    return out
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 def fresh_accelerator_state() -> None:
     """A second Trainer in one process builds its own DeepSpeed plugin: accelerate allows that
     only once its AcceleratorState is reset (the gloo PartialState stays)."""
@@ -119,16 +108,16 @@ def trainer_lora_ga(out: Path, result: dict, stage: int = 3) -> None:
     result[f"{key}/applied"] = list(APPLIED)
     result[f"{key}/ranks"] = callback.report.ranks
     result[f"{key}/offset"] = callback.report.offset
-    final = logits(first.model)
+    final = logits(first.model, EVAL)
     first.save_model(str(out / "final"))
     dist.barrier()  # rank 0 writes; the others read once it is done
-    result[f"{key}/moved"] = rel(final, logits(tiny_peft("llama", r=2)[0]))
+    result[f"{key}/moved"] = rel(final, logits(tiny_peft("llama", r=2)[0], EVAL))
     loaded = PeftModel.from_pretrained(tiny_base("llama"), str(out / "final"))
-    result[f"{key}/plain_peft"] = rel(logits(loaded), final)
+    result[f"{key}/plain_peft"] = rel(logits(loaded, EVAL), final)
     result[f"{key}/files"] = sorted(p.name for p in (out / "final").iterdir())
     resumed, callback = run(resume=True)
     result[f"{key}/resumed_at"] = callback.resumed_at
-    result[f"{key}/resume"] = rel(logits(resumed.model), final)
+    result[f"{key}/resume"] = rel(logits(resumed.model, EVAL), final)
 
 
 def sft_zero2(out: Path, result: dict) -> None:
@@ -149,16 +138,16 @@ def sft_zero2(out: Path, result: dict) -> None:
         peft_config=lora_config("llama", r=2),
         callbacks=[callback],
     )
-    start = logits(trainer.model)
+    start = logits(trainer.model, EVAL)
     APPLIED.clear()
     trainer.train()
     result["sft/applied"] = list(APPLIED)
-    final = logits(trainer.model)
+    final = logits(trainer.model, EVAL)
     result["sft/moved"] = rel(final, start)
     trainer.save_model(str(out / "final"))
     dist.barrier()
     loaded = PeftModel.from_pretrained(tiny_base("llama"), str(out / "final"))
-    result["sft/plain_peft"] = rel(logits(loaded), final)
+    result["sft/plain_peft"] = rel(logits(loaded, EVAL), final)
     result["sft/transform"] = callback.transform.method
     result["sft/ranks"] = callback.report.ranks
 
@@ -188,11 +177,11 @@ def accelerate_config_zero3(out: Path, result: dict) -> None:
     result["accelerate/deepspeed"] = type(trainer.model_wrapped).__name__
     result["accelerate/partitioned"] = all(hasattr(p, "ds_id") for p in trainer.model.parameters())
     result["accelerate/applied"] = list(APPLIED)
-    final = logits(trainer.model)
+    final = logits(trainer.model, EVAL)
     trainer.save_model(str(out / "final"))
     dist.barrier()
     loaded = PeftModel.from_pretrained(tiny_base("llama"), str(out / "final"))
-    result["accelerate/plain_peft"] = rel(logits(loaded), final)
+    result["accelerate/plain_peft"] = rel(logits(loaded, EVAL), final)
 
 
 def main(out: Path) -> None:

@@ -20,6 +20,7 @@ os.environ["ACCELERATE_USE_FSDP"] = "true"
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from _fsdp_worker import logits, rel  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
 from conftest import make_batches, tiny_base, tiny_peft  # noqa: E402
@@ -36,22 +37,10 @@ _apply = PairTransform.apply
 PairTransform.apply = lambda self, *a, **kw: APPLIED.append(self.method) or _apply(self, *a, **kw)
 
 
-def logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        out = model(input_ids=EVAL["input_ids"], attention_mask=EVAL["attention_mask"]).logits
-    model.train()
-    return out
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 def run(out: Path, result: dict) -> None:
     rows = [{k: v[i] for k, v in b.items()} for b in make_batches("llama", n=4) for i in range(4)]
     model, _ = tiny_peft("llama", r=2)
-    start = logits(model)
+    start = logits(model, EVAL)
     callback = gradlora.GradLoraCallback(
         "lora-ga", num_batches=2, progress=False, transform="lora-pro"
     )
@@ -69,12 +58,12 @@ def run(out: Path, result: dict) -> None:
     result["ranks"], result["num_batches"] = callback.report.ranks, callback.report.num_batches
     result["offset"] = callback.report.offset
     result["applied"] = list(APPLIED)
-    final = logits(trainer.model)
+    final = logits(trainer.model, EVAL)
     result["moved"] = rel(final, start)
     trainer.save_model(str(out / "final"))
     dist.barrier()
     loaded = PeftModel.from_pretrained(tiny_base("llama"), str(out / "final"))
-    result["plain_peft"] = rel(logits(loaded), final)
+    result["plain_peft"] = rel(logits(loaded, EVAL), final)
 
 
 def main(out: Path) -> None:

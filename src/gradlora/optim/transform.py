@@ -168,19 +168,23 @@ def attach_pair_transform(
         model = getattr(optimizer, "module", None)
     if model is None:
         raise GradLoraError("attach_pair_transform needs model=... unless given a DeepSpeed engine")
-    refuse_pair_optimizer_inside(optimizer)
+    refuse_pair_optimizer_inside(optimizer)  # inside DeepSpeed: refused here
     inner = stepping_optimizer(optimizer)
-    if isinstance(inner, PairAdamW) or isinstance(getattr(inner, "optimizer", None), PairAdamW):
-        pair = inner if isinstance(inner, PairAdamW) else inner.optimizer
-        if inner is pair:
-            raise GradLoraError(
-                f"{type(pair).__name__} already adjusts the LoRA pairs; a transform in front of "
-                "it would do it twice. Attach the transform to a plain AdamW instead"
-            )
-        raise GradLoraError(DEEPSPEED_CLIENT_ERROR.format(name=type(pair).__name__))
+    pair = inner if isinstance(inner, PairAdamW) else getattr(inner, "optimizer", None)
+    if isinstance(pair, PairAdamW):
+        raise GradLoraError(
+            f"{type(pair).__name__} already adjusts the LoRA pairs; a transform in front of "
+            "it would do it twice. Attach the transform to a plain AdamW instead"
+        )
     if "_gradlora_transform" in inner.__dict__:
         raise GradLoraError("this optimizer already has a gradlora pair transform attached")
-    if getattr(inner, "fp16_enabled", False) or getattr(inner, "dynamic_loss_scale", False):
+    # DeepSpeed's fp16: the gradients carry the loss scale, which the clip norm must not see
+    scaled = float(getattr(inner, "loss_scale", 1.0) or 1.0) != 1.0
+    if (
+        scaled
+        or getattr(inner, "fp16_enabled", False)
+        or getattr(inner, "dynamic_loss_scale", False)
+    ):
         raise GradLoraError(
             "the pair transform under DeepSpeed supports fp32 and bf16 training, not fp16 with "
             "loss scaling; use bf16"

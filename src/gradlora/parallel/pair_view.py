@@ -78,7 +78,7 @@ def whole_grad(p: Tensor) -> Tensor | None:
     """p's whole gradient, wherever it lives: a DeepSpeed ZeRO optimizer's partitions (between
     backward and its step), FSDP2's DTensor shards, or ``p.grad`` (each gather a collective,
     in the same order on every rank); None when there is none."""
-    if zero.is_zero3(p) or hasattr(p, "_hp_mapping"):
+    if zero.is_zero(p):
         return zero.whole_grad(p)
     return None if p.grad is None else full(p.grad)
 
@@ -86,7 +86,7 @@ def whole_grad(p: Tensor) -> Tensor | None:
 def set_whole_grad_(p: Tensor, value: Tensor) -> None:
     """Replace p's gradient by the whole ``value`` on this rank's part (no communication:
     every rank passes the same value)."""
-    if zero.is_zero3(p) or hasattr(p, "_hp_mapping"):
+    if zero.is_zero(p):
         zero.set_whole_grad_(p, value)
         return
     if p.grad is None:  # e.g. B reached by backward, A not: it gets its adjusted gradient too

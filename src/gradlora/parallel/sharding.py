@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import GradLoraError
-from .zero import is_zero3, read_whole, write_whole_
+from .zero import is_zero, is_zero3, read_whole, write_whole_
 
 try:
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -82,7 +82,7 @@ def assign_whole_(p: Tensor, value: Tensor) -> None:
     parameter's slice and master copy (``zero.write_whole_``), or p itself; no communication
     (every rank passes the same value)."""
     with torch.no_grad():
-        if is_zero3(p) or hasattr(p, "_hp_mapping"):
+        if is_zero(p):
             write_whole_(p, value)
         else:
             local(p).copy_(local_part(value.to(local(p).dtype), p))

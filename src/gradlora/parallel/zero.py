@@ -27,6 +27,12 @@ def is_zero3(p: Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
+def is_zero(p: Tensor) -> bool:
+    """Whether a DeepSpeed ZeRO engine holds ``p``'s values or gradients in partitions: ZeRO-3
+    partitioned it, or a ZeRO-1/2 optimizer maps it to an fp32 partition (``_hp_mapping``)."""
+    return is_zero3(p) or hasattr(p, "_hp_mapping")
+
+
 def has_master_copy(p: Tensor) -> bool:
     """Whether a DeepSpeed ZeRO optimizer keeps an fp32 master copy of ``p`` (ZeRO-1/2/3 after
     ``deepspeed.initialize``, for a trainable ``p``)."""
@@ -98,18 +104,16 @@ def master_value(p: Tensor) -> Tensor:
 
 
 def whole_grad(p: Tensor) -> Tensor | None:
-    """``p``'s whole gradient between backward and the ZeRO optimizer's step, in the precision
-    DeepSpeed accumulates it in (a collective for every ZeRO stage); ``p.grad`` otherwise."""
+    """The whole gradient of a ZeRO parameter (``is_zero``) between backward and the ZeRO
+    optimizer's step, in the precision DeepSpeed accumulates it in (a collective)."""
     from deepspeed.utils import safe_get_full_grad  # optional: only DeepSpeed's params
 
-    if not (is_zero3(p) or hasattr(p, "_hp_mapping")):
-        return p.grad
     return safe_get_full_grad(p)
 
 
 def set_whole_grad_(p: Tensor, value: Tensor) -> None:
-    """Replace ``p``'s gradient with ``value`` (whole shape), this rank's part only; no
-    communication (every rank passes the same ``value``)."""
+    """Replace a ZeRO parameter's gradient with ``value`` (whole shape), this rank's part only;
+    no communication (every rank passes the same ``value``)."""
     from deepspeed.utils import safe_set_full_grad, safe_set_local_grad  # optional, as above
 
     if is_zero3(p) and p.grad is None:
