@@ -3,7 +3,13 @@
 Loads the task exactly as ``gradlora bench`` does with the same sizes (the defaults are those
 of task (c) in benchmarks/lr_sweeps.sh) and evaluates the pretrained model before any step,
 with the bench's own evaluation (validation loss; test loss, and for ``arithmetic`` the answer
-match and the exact match of greedy generations).
+match and the exact match of greedy generations). A classifier's head is the seed-0 draw, as in
+the seed-0 runs of a sweep. The learning-rate windows (``lr_windows.py``) take their tolerance
+from the untrained validation loss; the three sweeps' scores come from:
+
+    python benchmarks/base_score.py --model minilm --data rotten-tomatoes --batch-size 16 \
+        --max-length 64 --val-size 0 --test-size 0
+    python benchmarks/base_score.py --data hamlet --max-length 32 --val-size 96 --test-size 96
 
     python benchmarks/base_score.py  # writes benchmarks/results/base_score_<model>_<data>.json
 """
@@ -29,8 +35,8 @@ def main() -> None:
     parser.add_argument("--data", default="arithmetic")
     parser.add_argument("--batch-size", type=int, default=8)  # sets the evaluation batch too
     parser.add_argument("--max-length", type=int, default=96)
-    parser.add_argument("--val-size", type=int, default=96)
-    parser.add_argument("--test-size", type=int, default=128)
+    parser.add_argument("--val-size", type=int, default=96, help="0: the task's default split")
+    parser.add_argument("--test-size", type=int, default=128, help="0: the task's default split")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -39,8 +45,8 @@ def main() -> None:
         data=args.data,
         batch_size=args.batch_size,
         max_length=args.max_length,
-        val_size=args.val_size,
-        test_size=args.test_size,
+        val_size=args.val_size or None,
+        test_size=args.test_size or None,
         methods=["lora"],
     )
     bench = Bench(cfg, out_dir="unused")  # only its task and evaluation are used

@@ -26,6 +26,7 @@ from pathlib import Path
 from _sweeps import DIAGNOSTIC, RESULTS, TASKS, load
 
 SHARE = 0.02  # of LoRA's best-to-untrained gap (or of LoRA's best) on each task
+SHARES = (0.01, 0.02, 0.05)  # the tolerances of the sensitivity table: how much rests on SHARE
 SIZES = ("max_length", "val_size", "test_size")  # the base score must be measured on these
 
 
@@ -112,7 +113,42 @@ def task_windows(results: dict, diag: dict | None, root: Path) -> dict | None:
     windows = {m: w for m, c in curves.items() if (w := window(c, tol))}
     for w in windows.values():
         w |= relative(w, windows["lora"])
-    return {"tolerance": tol, "basis": basis, "untrained_val_loss": untrained, "windows": windows}
+    sensitivity = {}
+    for share in SHARES:
+        t = tolerance(lora["best"], untrained, share)
+        at = {m: w for m, c in curves.items() if (w := window(c, t))}
+        sensitivity[f"{share:g}"] = {m: w | relative(w, at["lora"]) for m, w in at.items()}
+    return {
+        "tolerance": tol,
+        "basis": basis,
+        "untrained_val_loss": untrained,
+        "windows": windows,
+        "sensitivity": sensitivity,
+    }
+
+
+def sensitivity_table(found: dict) -> list[str]:
+    """Markdown lines: every method's window width (and overlap with LoRA's) at each
+    tolerance of SHARES, so that a claim about widths can be read against the choice of 2%."""
+    shares = list(found["sensitivity"])
+    lines = [
+        f"Sensitivity: width (×2) at {', '.join(f'{float(x):.0%}' for x in shares)} instead of "
+        f"{SHARE:.0%} (✓: overlaps LoRA's window at that tolerance).",
+        "",
+        "| method | " + " | ".join(f"width @ {float(x):.0%}" for x in shares) + " |",
+        "|---|" + "---|" * len(shares),
+    ]
+    for m in found["windows"]:
+        cells = []
+        for x in shares:
+            w = found["sensitivity"][x].get(m)
+            if w is None:
+                cells.append("-")
+                continue
+            lap = "" if m == "lora" else " ✓" if w["overlap"] else ""
+            cells.append(("≥ " if w["at_edge"] else "") + f"{w['width']:.2f}{lap}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def table(name: str, found: dict | None) -> list[str]:
@@ -212,7 +248,7 @@ def main() -> None:
             continue
         diag = load(DIAGNOSTIC[name], root)
         found = out[name] = task_windows(results, diag, root)
-        lines += table(name, found)
+        lines += table(name, found) + (sensitivity_table(found) if found else [])
         if found and not args.no_plots:
             plot(name, results, diag, found, root / folder / "lr_windows.png")
     (root / "lr_windows.md").write_text("\n".join(lines))

@@ -100,3 +100,24 @@ def test_the_plot_is_written(tmp_path):
     assert set(found["windows"]) == {"lora", "lora-one-init"}
     lr_windows.plot("toy", results, diag, found, tmp_path / "w.png")
     assert (tmp_path / "w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_sensitivity_table_recomputes_every_window_at_each_share(tmp_path):
+    """At 1%, 2% and 5% of the gap (untrained 6.0, LoRA's best 1.0: tolerances 0.05, 0.1,
+    0.25) LoRA-GA's window grows from its best alone to overlapping LoRA's and then to the grid's
+    edge, and the table says so."""
+    curves = {
+        "lora": _curve(2e-3, [1.0, 1.1, 1.3, 1.5, 1.7, 1.9]),
+        "lora-ga": _curve(5e-4, [1.05, 1.12, 1.3, 1.5, 1.7, 1.9]),
+    }
+    results = _results(tmp_path, curves)
+    base = {"args": {"max_length": 32, "val_size": 96, "test_size": 96}, "val": {"loss": 6.0}}
+    (tmp_path / "base_score_smollm2_toy.json").write_text(json.dumps(base))
+    found = lr_windows.task_windows(results, None, tmp_path)
+    assert list(found["sensitivity"]) == ["0.01", "0.02", "0.05"]
+    ga = {share: w["lora-ga"] for share, w in found["sensitivity"].items()}
+    assert (ga["0.01"]["low"], ga["0.01"]["high"]) == (5e-4, 5e-4) and not ga["0.01"]["overlap"]
+    assert ga["0.02"] == found["windows"]["lora-ga"]  # the main table's tolerance
+    assert (ga["0.05"]["low"], ga["0.05"]["high"]) == (1e-4, 2e-3) and ga["0.05"]["at_edge"]
+    lines = lr_windows.sensitivity_table(found)
+    assert "| lora-ga | 0.00 | 2.32 ✓ | ≥ 4.32 ✓ |" in lines

@@ -3,8 +3,9 @@ rate far above every rate at which its init was measured to work (docs/benchmark
 learning-rate window").
 
 On gradlora's three benchmark tasks, LoRA-GA with its default stable scale and gamma = 16 had
-its best validation loss at 0.10 to 0.25x LoRA's best rate, and its window (the rates within the
-task's tolerance of its best) never overlapped LoRA's: at LoRA's rate it is far behind. The
+its best validation loss at 0.10 to 0.25x LoRA's best rate, and its window (the rates within 2%
+of the untrained-to-LoRA's-best gap of its best; the highest is 5e-4 on all three) never
+overlapped LoRA's: at LoRA's rate it is far behind. The
 other inits (LoRA-One's, LoRA-GA with the matched scale) overlapped LoRA's windows, so nothing is
 said for them. The windows are absolute rates on small models (MiniLM, SmolLM2-135M): a rate
 above all of them is a warning, not an error, and the user's rate is never changed.
@@ -24,7 +25,7 @@ INIT_ATTRIBUTE = "gradlora_init"  # on the PeftModel: (method, options) of its g
 # best rate, LoRA's best rate); tests/test_rates.py checks these against that file
 LORA_GA_WINDOWS = {
     "MiniLM / Rotten Tomatoes": (5e-4, 5e-4, 5e-4, 2e-3),
-    "SmolLM2 / Hamlet": (2e-4, 1e-3, 5e-4, 5e-3),
+    "SmolLM2 / Hamlet": (5e-4, 5e-4, 5e-4, 5e-3),
     "SmolLM2 / arithmetic": (1e-4, 5e-4, 2e-4, 2e-3),
 }
 
