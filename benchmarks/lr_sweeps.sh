@@ -47,31 +47,34 @@ main() {
   seeds+=" --seeds-for lora=$five --seeds-for lora-ga=$five --seeds-for lora-ga-matched=$five"
   seeds+=" --seeds-for lora-pro=$five"
   local one="--seeds 0,1,2,3,4 --no-progress"  # lora-one-init alone: every method gets five
+  # a user's untuned rate: seeds 0-2 at LoRA's best rate for every method whose grid holds it,
+  # so that "keeping your LoRA rate" is paired by seed too (added after issue 26's seeds)
+  local at_a="--seeds-at-rate 2e-3=0,1,2" at_b="--seeds-at-rate 5e-3=0,1,2" at_c="--seeds-at-rate 2e-3=0,1,2"
   for task in ${@:-a b c}; do
     case $task in
     a) # MiniLM / Rotten Tomatoes: 100 steps of 16 x 64 tokens
-      $GRADLORA bench $minilm --methods $METHODS $seeds \
+      $GRADLORA bench $minilm --methods $METHODS $seeds $at_a \
         $(lrs 5e-5,1e-4,2e-4,5e-4,1e-3 2e-4,5e-4,1e-3,2e-3,5e-3 2e-5,5e-5,1e-4,2e-4,5e-4 \
           5e-5,1e-4,2e-4,5e-4,1e-3,2e-3) \
         --out benchmarks/results/lr-minilm ;;
     b) # SmolLM2-135M / Hamlet: 40 steps of 8 chunks x 32 tokens
-      $GRADLORA bench $hamlet --methods $METHODS $seeds \
+      $GRADLORA bench $hamlet --methods $METHODS $seeds $at_b \
         $(lrs 2e-5,5e-5,1e-4,2e-4,5e-4,1e-3 1e-4,2e-4,5e-4,1e-3,2e-3,5e-3,1e-2 1e-5,3e-5,1e-4,3e-4,1e-3 \
           2e-5,5e-5,1e-4,2e-4,5e-4,1e-3,2e-3) \
         --out benchmarks/results/lr-smollm2-hamlet ;;
     c) # SmolLM2-135M / arithmetic word problems, scored by exact match of greedy generations
-      $GRADLORA bench $arithmetic --methods $METHODS $seeds \
+      $GRADLORA bench $arithmetic --methods $METHODS $seeds $at_c \
         $(lrs 2e-5,5e-5,1e-4,2e-4,5e-4 2e-4,5e-4,1e-3,2e-3,5e-3 1e-5,3e-5,1e-4,3e-4 \
           2e-5,5e-5,1e-4,2e-4,5e-4,1e-3) \
         --out benchmarks/results/lr-smollm2-arithmetic ;;
     one) # LoRA-One's init with plain AdamW (lora-one-init) on the three tasks, same protocol and
       # LoRA-like grids (Hamlet's from 5e-4): is lora-one behind on the causal LMs because of its
       # init or of its preconditioned AdamW? Added after the sweeps above, as a diagnostic.
-      $GRADLORA bench $minilm --methods lora-one-init $one \
+      $GRADLORA bench $minilm --methods lora-one-init $one $at_a \
         --lrs lora-one-init=2e-4,5e-4,1e-3,2e-3,5e-3 --out benchmarks/results/lr-lora-one-init-minilm
-      $GRADLORA bench $hamlet --methods lora-one-init $one \
+      $GRADLORA bench $hamlet --methods lora-one-init $one $at_b \
         --lrs lora-one-init=5e-4,1e-3,2e-3,5e-3,1e-2 --out benchmarks/results/lr-lora-one-init-hamlet
-      $GRADLORA bench $arithmetic --methods lora-one-init $one \
+      $GRADLORA bench $arithmetic --methods lora-one-init $one $at_c \
         --lrs lora-one-init=2e-4,5e-4,1e-3,2e-3,5e-3 \
         --out benchmarks/results/lr-lora-one-init-arithmetic ;;
     damping) # issue 26: lora-one (preconditioned AdamW) at its best rate (2e-3 on both causal

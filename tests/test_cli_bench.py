@@ -132,6 +132,41 @@ def test_seeds_for_gives_one_method_more_seeds_and_damping_keys_its_runs(tmp_pat
     assert damped["key"] != plain["key"] and damped["losses"][1] != plain["losses"][1]
 
 
+def test_seeds_at_rate_runs_every_method_whose_grid_holds_the_rate(tmp_path):
+    """--seeds-at-rate 3e-3=0,1: lora (best or not) and lora-pro get seeds 0 and 1 at 3e-3, full
+    (whose grid lacks it) nothing; the best rates and their seeds are as without it, and a
+    re-run computes nothing."""
+    grids = {"lora": [1e-3, 3e-3], "lora-pro": [1e-3, 3e-3], "full": [1e-4]}
+    cfg = small(tmp_path, methods=["lora", "lora-pro", "full"], lrs=grids, steps=2)
+    plain = Bench(cfg, tmp_path, log=lambda s: None).run()
+    cfg = small(tmp_path, methods=["lora", "lora-pro", "full"], lrs=grids, steps=2)
+    cfg.seeds_at_rate = (3e-3, [0, 1])
+    bench = Bench(cfg, tmp_path, log=lambda s: None)
+    results = bench.run()
+    assert bench.computed == 2  # seed 1 at 3e-3 for lora and lora-pro; seed 0 was the sweep's
+    at = {(r["method"], r["seed"]) for r in results["runs"] if r["lr"] == 3e-3}
+    assert at == {("lora", 0), ("lora", 1), ("lora-pro", 0), ("lora-pro", 1)}
+    for method in ("lora", "lora-pro", "full"):
+        best = plain["methods"][method]["best_lr"]
+        assert results["methods"][method]["best_lr"] == best
+        expected = [0, 1] if best == 3e-3 else [0]
+        assert results["methods"][method]["seeds"] == expected
+    again = Bench(cfg, tmp_path, log=lambda s: None)
+    again.run()
+    assert again.computed == 0
+
+
+def test_seeds_at_rate_parses_and_refuses_bad_input():
+    from gradlora.cli.config import rate_seeds
+    from gradlora.errors import GradLoraError
+
+    assert rate_seeds("5e-3=0,1,2") == (5e-3, [0, 1, 2]) and rate_seeds(None) is None
+    with pytest.raises(GradLoraError, match="LR=SEED"):
+        rate_seeds("fast=0")
+    with pytest.raises(GradLoraError, match="LR > 0"):
+        BenchConfig(seeds_at_rate=(5e-3, [])).validate()
+
+
 def test_same_batches_and_dropout_for_every_method(tmp_path):
     """Two methods at one seed train on identical batches; a second seed changes the order."""
     bench = Bench(small(tmp_path), tmp_path, log=lambda s: None)

@@ -264,6 +264,13 @@ class Bench:
                 for seed in seeds[1:]:
                     self.get_or_run(method, best, seed)
             self.save()  # the report so far: worth looking at while the sweep goes on
+        if cfg.seeds_at_rate is not None:
+            target, seeds = cfg.seeds_at_rate
+            for method in cfg.methods:
+                for lr in self.grid(method):
+                    if abs(lr - target) <= 1e-9 * target:  # the grid's own value: the same run key
+                        for seed in seeds:
+                            self.get_or_run(method, lr, seed)
         return self.save()
 
     def results(self) -> dict[str, Any]:

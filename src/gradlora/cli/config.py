@@ -136,6 +136,17 @@ class RunConfig:
         }
 
 
+def rate_seeds(text: str | None) -> tuple[float, list[int]] | None:
+    """(lr, seeds) from ``LR=SEED,SEED,...`` (``--seeds-at-rate``); None for None."""
+    if text is None:
+        return None
+    lr, _, seeds = text.partition("=")
+    try:
+        return float(lr), [int(v) for v in seeds.split(",") if v.strip()]
+    except ValueError:
+        raise GradLoraError(f"--seeds-at-rate takes LR=SEED[,SEED...]; got {text!r}") from None
+
+
 @dataclass
 class BenchConfig(RunConfig):
     """``gradlora bench``: the methods, their learning-rate grids, seeds and rate selection."""
@@ -146,6 +157,9 @@ class BenchConfig(RunConfig):
     seeds: list[int] = field(default_factory=lambda: [0])  # first: the sweep; rest: best lr only
     extra_seeds_for: list[str] | None = None  # methods that get seeds[1:] (None: all)
     seeds_for: dict[str, list[int]] = field(default_factory=dict)  # per-method seeds (override)
+    # (lr, seeds): every method whose grid holds lr also runs these seeds there, e.g. LoRA's best
+    # rate, so that a user's untuned rate is compared paired by seed, not on seed 0 alone
+    seeds_at_rate: tuple[float, list[int]] | None = None
     select: str = "val-loss"  # "val-loss" (lowest) or "val-acc" (highest) picks the best lr
     smooth_window: int = 20  # trailing mean of the reported training loss
 
@@ -158,6 +172,12 @@ class BenchConfig(RunConfig):
                     f"--seeds-for {method}: its seeds must start with the sweep seed "
                     f"{self.seeds[0]} (the first of --seeds), so that every method is swept on "
                     f"the same seed; got {seeds}"
+                )
+        if self.seeds_at_rate is not None:
+            lr, seeds = self.seeds_at_rate
+            if not (math.isfinite(lr) and lr > 0) or not seeds:
+                raise GradLoraError(
+                    f"--seeds-at-rate takes LR=SEED[,SEED...] with LR > 0; got {lr:g} and {seeds}"
                 )
         for method, grid in self.lrs.items():
             bad = [lr for lr in grid if not (math.isfinite(lr) and lr > 0)]

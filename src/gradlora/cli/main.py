@@ -8,7 +8,7 @@ import warnings
 
 from ..errors import GradLoraError
 from .bench import run_bench
-from .config import EXPORTS, BenchConfig, TrainConfig
+from .config import EXPORTS, BenchConfig, TrainConfig, rate_seeds
 from .data import QUANTIZE
 from .recipes import RECIPES
 from .report import format_table
@@ -31,8 +31,7 @@ examples:
 
 Re-running the same command resumes: every finished run is stored in OUT/runs/ under a hash of
 its settings and is not computed again; a changed setting (steps, batch, schedule, data, ...)
-computes new runs and ignores the old ones. Writes OUT/results.json, OUT/table.md and
-OUT/losses.png after every method.
+computes new runs. Writes OUT/results.json, table.md and losses.png after every method.
 """
 
 TRAIN_EPILOG = """\
@@ -148,9 +147,7 @@ def _common(p: argparse.ArgumentParser, steps: int, batch: int | None, length: i
         default="cosine",
         help="learning-rate schedule after warmup (default: %(default)s)",
     )
-    p.add_argument(
-        "--warmup-steps", type=int, default=None, help="linear warmup (default: 3%% of the steps)"
-    )
+    p.add_argument("--warmup-steps", type=int, help="linear warmup (default: 3%% of the steps)")
     p.add_argument(
         "--val-size",
         type=_size,
@@ -164,9 +161,7 @@ def _common(p: argparse.ArgumentParser, steps: int, batch: int | None, length: i
         default=None,
         help="held-out test examples (default: 1000 for rotten-tomatoes, else 0.1)",
     )
-    p.add_argument(
-        "--num-layers", type=int, default=None, help="keep only the first transformer blocks"
-    )
+    p.add_argument("--num-layers", type=int, help="keep only the first N transformer blocks")
     p.add_argument(
         "--quantize",
         choices=QUANTIZE,
@@ -239,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="METHOD=SEED,SEED,...",
         help="one method's seeds instead of --seeds; the first is the sweep seed (repeatable)",
+    )
+    b.add_argument(
+        "--seeds-at-rate",
+        metavar="LR=SEED,SEED,...",
+        help="also run these seeds at LR for every method whose grid holds it (e.g. LoRA's best)",
     )
     b.add_argument(
         "--select",
@@ -334,6 +334,7 @@ def _bench(args) -> int:
         seeds=seeds,
         extra_seeds_for=extra,
         seeds_for=_per_method(args.seeds_for, "--seeds-for", _ints, "seeds"),
+        seeds_at_rate=rate_seeds(args.seeds_at_rate),
         select=args.select,
     )
     cfg.validate()  # before any data, model or gradient is touched
