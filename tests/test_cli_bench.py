@@ -144,13 +144,20 @@ def test_seeds_at_rate_runs_every_method_whose_grid_holds_the_rate(tmp_path):
     bench = Bench(cfg, tmp_path, log=lambda s: None)
     results = bench.run()
     assert bench.computed == 2  # seed 1 at 3e-3 for lora and lora-pro; seed 0 was the sweep's
-    at = {(r["method"], r["seed"]) for r in results["runs"] if r["lr"] == 3e-3}
-    assert at == {("lora", 0), ("lora", 1), ("lora-pro", 0), ("lora-pro", 1)}
+    at = [(r["method"], r["seed"]) for r in results["runs"] if r["lr"] == 3e-3]
+    assert sorted(at) == [("lora", 0), ("lora", 1), ("lora-pro", 0), ("lora-pro", 1)]  # each once
+    keys = [r["key"] for r in results["runs"]]
+    assert len(keys) == len(set(keys)) == 2 + 2 + 1 + 2
     for method in ("lora", "lora-pro", "full"):
         best = plain["methods"][method]["best_lr"]
         assert results["methods"][method]["best_lr"] == best
-        expected = [0, 1] if best == 3e-3 else [0]
+        expected = [0, 1] if best == 3e-3 else [0]  # seeds at the best rate, each once
         assert results["methods"][method]["seeds"] == expected
+        sweep = [p["lr"] for p in results["methods"][method]["sweep"]]
+        assert sweep == grids[method]  # seed 0's sweep, each rate once
+    # the grid's seed-0 run at 3e-3 is asked for twice: its best rate in a second plan too
+    cfg.lrs = {"lora": [3e-3], "lora-pro": [3e-3], "full": [1e-4]}
+    assert Bench(cfg, tmp_path, log=lambda s: None).run()["methods"]["lora"]["seeds"] == [0, 1]
     again = Bench(cfg, tmp_path, log=lambda s: None)
     again.run()
     assert again.computed == 0

@@ -91,6 +91,7 @@ class Bench:
         )
         self._train_batches: dict[int, list] = {}
         self.runs: list[dict[str, Any]] = []  # every run of the current config, in order
+        self.planned: dict[str, dict[str, Any]] = {}  # run path -> its record, each once in runs
         self.failed: list[dict[str, Any]] = []  # runs that raised (not stored: retried next time)
         self.computed = 0  # runs computed by this process (the rest came from the store)
 
@@ -151,6 +152,8 @@ class Bench:
     def get_or_run(self, method: str, lr: float, seed: int) -> dict[str, Any] | None:
         spec = run_spec(self.cfg, self.task, method, lr, seed)
         path = run_path(self.out_dir, spec)
+        if str(path) in self.planned:  # asked twice by the plan (a --seeds-at-rate on a grid rate)
+            return self.planned[str(path)]
         if path.exists():
             record = json.loads(path.read_text())
             self.log(f"[stored] {method} lr={lr:g} seed={seed}: {path.name}")
@@ -169,6 +172,7 @@ class Bench:
             write_json(path, record)
             self.computed += 1
         self.runs.append(record)
+        self.planned[str(path)] = record
         return record
 
     def _run(self, method: str, lr: float, seed: int, spec: dict[str, Any]) -> dict[str, Any]:
