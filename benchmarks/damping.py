@@ -217,8 +217,7 @@ def verdict(summaries: dict[str, dict]) -> tuple[list[str], dict]:
         for t, s in summaries.items():
             e = s["lambdas"].get(lam)
             c = ends[t] = e.get("paired", {}).get(s["steps"][-1]) if e else None
-            guard = t not in CAUSAL
-            words[t] = end_verdict(c, guard or lam == s["best"])
+            words[t] = end_verdict(c, t not in CAUSAL or lam == s["best"])
             cells.append(words[t] + (f" ({paired.fmt(c)})" if c and c["n"] else ""))
         causal = [words[t] for t in CAUSAL if t in words]
         guard = [w for t, w in words.items() if t not in CAUSAL]

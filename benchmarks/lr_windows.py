@@ -110,14 +110,12 @@ def task_windows(results: dict, diag: dict | None, root: Path) -> dict | None:
         basis = f"{source}; instead {SHARE:.0%} of LoRA's best validation loss ({lora['best']:.3f})"
     else:
         basis = f"{SHARE:.0%} of the gap between the {source} and LoRA's best ({lora['best']:.3f})"
-    windows = {m: w for m, c in curves.items() if (w := window(c, tol))}
-    for w in windows.values():
-        w |= relative(w, windows["lora"])
     sensitivity = {}
-    for share in SHARES:
+    for share in sorted({*SHARES, SHARE}):
         t = tolerance(lora["best"], untrained, share)
         at = {m: w for m, c in curves.items() if (w := window(c, t))}
         sensitivity[f"{share:g}"] = {m: w | relative(w, at["lora"]) for m, w in at.items()}
+    windows = sensitivity[f"{SHARE:g}"]  # the main table's tolerance, tol
     return {
         "tolerance": tol,
         "basis": basis,

@@ -1,16 +1,17 @@
 """Which method when: the three learning-rate sweeps of benchmarks/lr_sweeps.sh read side by side.
 
 For each task: every method at LoRA's best rate (a user who keeps the rate they know; seed 0 of
-the sweep, and seeds 1 and 2 from ``--seeds-at-rate``), every method at its own best rate at 25%, 50% and 100% of the steps (mean ± std
-over seeds), and the goals of issue 15 checked on the test score.
+the sweep, and seeds 1 and 2 from ``--seeds-at-rate``), every method at its own best rate at
+25%, 50% and 100% of the steps (mean ± std over seeds), and the goals of issue 15 checked on
+the test score.
 
 Every comparison is paired by seed (issue 26, benchmarks/paired.py): the per-seed difference of
 the two test scores, each configuration at its rate, over the seeds both have; the report shows
 its mean, 95% Student t-interval and number of pairs n, and the verdict is "ahead"/"behind"
 only where the interval excludes 0, else "tie". Where a comparison has fewer than 2 pairs (a
-method run at LoRA's rate with seed 0 only), the verdict is
-the earlier spread rule, marked †: ahead/behind where the difference of the means exceeds the
-larger of the two seed standard deviations. The means ± std in the tables are unchanged.
+method run at LoRA's rate with seed 0 only), the verdict is the earlier spread rule, marked †:
+ahead/behind where the difference of the means exceeds the larger of the two seed standard
+deviations. The means ± std in the tables are unchanged.
 
     python benchmarks/which_method.py  # writes benchmarks/results/which_method.{md,json}
     python benchmarks/which_method.py --results DIR  # another results folder (output in DIR)

@@ -90,8 +90,7 @@ class Bench:
             default=0,
         )
         self._train_batches: dict[int, list] = {}
-        self.runs: list[dict[str, Any]] = []  # every run of the current config, in order
-        self.planned: dict[str, dict[str, Any]] = {}  # run path -> its record, each once in runs
+        self.planned: dict[str, dict[str, Any]] = {}  # run path -> its record, in plan order
         self.failed: list[dict[str, Any]] = []  # runs that raised (not stored: retried next time)
         self.computed = 0  # runs computed by this process (the rest came from the store)
 
@@ -171,7 +170,6 @@ class Bench:
                 return None
             write_json(path, record)
             self.computed += 1
-        self.runs.append(record)
         self.planned[str(path)] = record
         return record
 
@@ -276,6 +274,11 @@ class Bench:
                         for seed in seeds:
                             self.get_or_run(method, lr, seed)
         return self.save()
+
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run of the current config, in plan order, each once."""
+        return list(self.planned.values())
 
     def results(self) -> dict[str, Any]:
         return summarize(self.runs, self.cfg, self.task, self.failed, self.device)
